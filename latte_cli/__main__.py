@@ -1,0 +1,3 @@
+from latte_cli.cli import app
+
+app(prog_name="latte")

@@ -1,0 +1,105 @@
+"""The `latte` command line. Each command only parses its options and calls the typed function of its
+stage (encode.py, train.py, sample.py, ...); the stage modules are imported inside the commands so that
+`latte --help` stays fast."""
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from latte_cli import LatteError
+
+app = typer.Typer(
+    name="latte",
+    help="Latte, the latent diffusion transformer for video generation: encode videos, train, sample.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """Bad input ends in one line naming the problem and exit code 1, never a traceback dump."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (LatteError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@app.command()
+@friendly
+def info(
+    model: str = typer.Option("Latte-XL/2", help="Size preset: Latte-S/2, Latte-B/2, Latte-L/2, Latte-XL/2 (/4, /8)."),
+    frames: int = typer.Option(16, help="Frames per clip."),
+    size: int = typer.Option(32, help="Latent height and width (256 px / 8 for the SD VAE)."),
+    channels: int = typer.Option(4, help="Latent channels."),
+    num_classes: int = typer.Option(0, help="Number of classes (0: unconditional)."),
+    patch_embed: str = typer.Option("uniform", help="uniform (per-frame patches) or tube (3D tubes)."),
+    conditioning: str = typer.Option("adaln", help="adaln (S-AdaLN) or tokens (timestep and class as tokens)."),
+    temporal_pos: str = typer.Option("sincos", help="sincos (absolute) or rope (relative, in temporal attention)."),
+):
+    """Print trainable parameters and forward FLOPs of each Latte variant at one size."""
+    from rich.table import Table
+
+    from model import LatteConfig, Latte
+
+    table = Table(title=f"{model}, {frames}x{channels}x{size}x{size} latents, batch 1")
+    for col in ("variant", "blocks", "params", "forward GFLOPs"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    names = {1: "1 interleaved", 2: "2 late fusion", 3: "3 factorised attention", 4: "4 factorised heads"}
+    for variant in (1, 2, 3, 4):
+        cfg = LatteConfig.preset(model, variant=variant, input_size=size, num_frames=frames, in_channels=channels,
+                                 num_classes=num_classes, patch_embed=patch_embed, conditioning=conditioning,
+                                 temporal_pos=temporal_pos)
+        with _meta_device():
+            net = Latte(cfg)
+        params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        flops = net.flops(frames)
+        table.add_row(names[variant], str(cfg.depth), f"{params / 1e6:.2f}M", f"{flops / 1e9:.2f}")
+    Console().print(table)
+
+
+def _meta_device():
+    import torch
+
+    return torch.device("meta")
+
+
+@app.command()
+@friendly
+def convert(
+    src: Path = typer.Argument(..., help="A published Latte checkpoint (.pt holding 'ema' or 'model')."),
+    out: Path = typer.Argument(..., help="Output .safetensors file (weights plus the JSON config)."),
+    num_heads: Optional[int] = typer.Option(None, help="Attention heads, where the width is not a preset's."),
+):
+    """Convert a published Latte .pt checkpoint into this project's safetensors format."""
+    from model import Latte
+
+    net = Latte.from_pretrained(src, num_heads=num_heads)
+    net.save(out)
+    Console().print(f"wrote {out} ({net.config.describe()})")
+
+
+def main():
+    app(prog_name="latte")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
