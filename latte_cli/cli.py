@@ -58,7 +58,7 @@ def info(
     """Print trainable parameters and forward FLOPs of each Latte variant at one size."""
     from rich.table import Table
 
-    from model import LatteConfig, Latte
+    from model import Latte, LatteConfig
 
     table = Table(title=f"{model}, {frames}x{channels}x{size}x{size} latents, batch 1")
     for col in ("variant", "blocks", "params", "forward GFLOPs"):
@@ -95,6 +95,49 @@ def convert(
     net = Latte.from_pretrained(src, num_heads=num_heads)
     net.save(out)
     Console().print(f"wrote {out} ({net.config.describe()})")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@app.command()
+@friendly
+def synth(
+    out: Path = typer.Argument(..., help="Output folder for the mp4 files."),
+    videos: int = typer.Option(64, help="Number of videos."),
+    frames: int = typer.Option(16, help="Frames per video."),
+    size: int = typer.Option(32, help="Frame height and width in pixels."),
+    classes: int = typer.Option(1, help="Classes (1 to 20): shape and colour; in folders class_0, ..."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same videos."),
+    fps: int = typer.Option(8, help="Frames per second of the mp4 files."),
+):
+    """Write a small synthetic data set: one bright shape per video, moving and bouncing off the borders."""
+    from latte_cli.video import synth as write_synth
+
+    paths = write_synth(out, videos=videos, frames=frames, size=size, classes=classes, seed=seed, fps=fps)
+    Console().print(f"wrote {len(paths)} videos of {frames} frames to {out}", highlight=False)
+
+
+@app.command()
+@friendly
+def encode(
+    src: Path = typer.Argument(..., help="Folder of videos (and images); nested folders are searched."),
+    out: Path = typer.Argument(..., help="Output folder for the latent shards and index.json."),
+    vae: str = typer.Option("none", help="VAE weights (SD-1.4 KL-f8 file or diffusers folder) or none."),
+    size: int = typer.Option(256, help="Short side resized to this, then center-cropped (multiple of 8)."),
+    labels: str = typer.Option("none", help="none, or folders: the folder under SRC is the class."),
+    flip: bool = typer.Option(False, help="Also store the latents of the mirrored frames."),
+    stride: int = typer.Option(1, help="Keep every stride-th frame of each video."),
+    min_frames: int = typer.Option(1, help="Skip videos with fewer frames than this (after the stride)."),
+    batch: int = typer.Option(16, help="Frames per VAE batch."),
+    device: str = typer.Option("cpu", help="Device for the VAE: cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option("fp32", help="VAE precision: fp32, bf16 or fp16."),
+):
+    """Encode every video into frame latents once: a safetensors file each, plus index.json. Reruns resume."""
+    from encode import encode as encode_videos
+
+    encode_videos(src, out, vae=vae, size=size, labels=labels, flip=flip, stride=stride,
+                  min_frames=min_frames, batch=batch, device=device, precision=precision)
 
 
 def main():
