@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
+import torch.utils.checkpoint
 from einops import rearrange
 
 
@@ -41,7 +42,6 @@ class LatteConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int = 0          # 0: unconditional; else a label table with one extra "null" row for guidance
-    class_dropout: float = 0.1    # labels replaced by the null class during training (classifier-free guidance)
     learn_sigma: bool = True      # output 2C channels: eps, then the variance interpolation v (improved DDPM)
     variant: int = 1
     patch_embed: str = "uniform"
@@ -183,17 +183,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> vectors; row num_classes is the null class that classifier-free guidance uses."""
+    """Class labels -> vectors; row num_classes is the null class that classifier-free guidance uses
+    (training replaces labels by it at random, train.py's label dropout)."""
 
-    def __init__(self, num_classes: int, hidden: int, dropout: float):
+    def __init__(self, num_classes: int, hidden: int):
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
         self.embedding_table = nn.Embedding(num_classes + 1, hidden)
 
-    def forward(self, y, train: bool):
-        if train and self.dropout > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def forward(self, y):
         return self.embedding_table(y)
 
 
@@ -330,7 +327,7 @@ class Latte(nn.Module):
         self.x_embedder = PatchEmbed(cfg, C_in)
         self.t_embedder = TimestepEmbedder(D)
         if cfg.num_classes:
-            self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
+            self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         # Fixed sin-cos tables for the configured shape, kept in the state dict under the published names;
         # other shapes get tables made on the fly.
         n = cfg.input_size // cfg.patch_size
@@ -345,6 +342,7 @@ class Latte(nn.Module):
         if cfg.patch_embed == "tube":  # Sec. 3.3.1: a 3D transposed conv brings F/s token frames back to F
             s = cfg.tube_stride
             self.temporal_upsample = nn.ConvTranspose3d(cfg.out_channels, cfg.out_channels, (s, 1, 1), (s, 1, 1))
+        self.gradient_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more time
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -405,7 +403,7 @@ class Latte(nn.Module):
         c = t_emb = self.t_embedder(t)                                               # B D
         if cfg.num_classes:
             y = torch.full((B,), cfg.num_classes, device=x.device, dtype=torch.long) if y is None else y
-            y_emb = self.y_embedder(y, self.training)
+            y_emb = self.y_embedder(y)
             c = t_emb + y_emb
         Fv = x.shape[1] - num_images                                                 # token frames of video
         rope = rope_tables(Fv, cfg.hidden_size // cfg.num_heads, x.device) if cfg.temporal_pos == "rope" else None
@@ -418,7 +416,10 @@ class Latte(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == self.first_temporal and cfg.temporal_pos == "sincos":
                 x = x + self.temporal_table(Fv, num_images, x)
-            x = block(x, c, rope, num_images)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, rope, num_images, use_reentrant=False)
+            else:
+                x = block(x, c, rope, num_images)
 
         x = self.final_layer(x[:, :, K:], c)                                         # B F N p*p*C_out
         x = rearrange(x, "b f (h w) (p q c) -> b f c (h p) (w q)", h=H // p, p=p, q=p)

@@ -140,6 +140,59 @@ def encode(
                   min_frames=min_frames, batch=batch, device=device, precision=precision)
 
 
+# ---------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+@friendly
+def train(
+    data: Path = typer.Argument(..., help="Folder written by `latte encode` (index.json and shards)."),
+    out: Path = typer.Option(Path("runs/latte"), help="Run folder: config, log.jsonl, checkpoints."),
+    model: str = typer.Option("Latte-S/2", help="Size preset: Latte-S/2, -B/2, -L/2, -XL/2 (also /4, /8)."),
+    variant: int = typer.Option(1, help="1 interleaved, 2 late fusion, 3 factorised attention, 4 split heads."),
+    patch_embed: str = typer.Option("uniform", help="uniform (per-frame patches) or tube (3D tubes)."),
+    tube_stride: int = typer.Option(2, help="Temporal stride of the tube embedding."),
+    conditioning: str = typer.Option("adaln", help="adaln (S-AdaLN) or tokens (timestep and class as tokens)."),
+    temporal_pos: str = typer.Option("sincos", help="sincos (absolute) or rope (relative)."),
+    learn_sigma: bool = typer.Option(True, help="Learn the variance (L_vlb) as well as the noise."),
+    depth: Optional[int] = typer.Option(None, help="Override the preset's number of blocks."),
+    hidden_size: Optional[int] = typer.Option(None, help="Override the preset's width."),
+    num_heads: Optional[int] = typer.Option(None, help="Override the preset's attention heads."),
+    frames: int = typer.Option(16, help="Frames per clip."),
+    frame_interval: int = typer.Option(3, help="Take every n-th frame for a clip."),
+    image_frames: int = typer.Option(0, help="Latte+IMG: frames of other videos appended as images."),
+    flip: bool = typer.Option(True, help="Use the mirrored latents where the shards have them."),
+    class_dropout: float = typer.Option(0.1, help="Label dropout for classifier-free guidance."),
+    steps: int = typer.Option(1000, help="Optimiser steps in all."),
+    batch: int = typer.Option(8, help="Global batch (all processes and accumulation steps)."),
+    accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (constant after warm-up)."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    warmup: int = typer.Option(0, help="Linear warm-up steps."),
+    clip_grad: float = typer.Option(0.0, help="Max gradient norm (0: no clipping)."),
+    clip_grad_from: int = typer.Option(0, help="Clip gradients from this step on."),
+    ema_decay: float = typer.Option(0.9999, help="EMA decay of the weights that sampling uses."),
+    schedule: str = typer.Option("linear", help="Noise schedule: linear or cosine."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (CPU and CUDA) or fp16 (CUDA, grad scaler)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Activation checkpointing."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+    log_every: int = typer.Option(10, help="Log a line every n steps."),
+    ckpt_every: int = typer.Option(500, help="Write a checkpoint every n steps (and at the end)."),
+    keep_last: int = typer.Option(3, help="Checkpoints to keep."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    init_from: Optional[Path] = typer.Option(None, help="DiT image checkpoint or Latte checkpoint to start from."),
+):
+    """Train a Latte model on encoded latents (AdamW, EMA, mixed precision; torchrun for several processes)."""
+    import train as stage
+
+    kwargs = {k: v for k, v in locals().items() if k != "stage"}
+    kwargs.update(data=str(data), out=str(out), init_from=str(init_from) if init_from else None)
+    last = stage.train(stage.TrainConfig(**kwargs))
+    Console().print(f"checkpoint: {last}", highlight=False)
+
+
 def main():
     app(prog_name="latte")
 

@@ -16,8 +16,7 @@ from model import Latte, LatteConfig, apply_rope, rope_tables, sincos_2d
 
 
 def tiny(**kw) -> LatteConfig:
-    base = dict(input_size=8, in_channels=3, num_frames=4, patch_size=2, hidden_size=32, depth=2, num_heads=4,
-                class_dropout=0.0)
+    base = dict(input_size=8, in_channels=3, num_frames=4, patch_size=2, hidden_size=32, depth=2, num_heads=4)
     return LatteConfig(**{**base, **kw})
 
 
