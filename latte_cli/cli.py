@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however long
 
 
 def friendly(fn):
@@ -190,7 +190,7 @@ def train(
     kwargs = {k: v for k, v in locals().items() if k != "stage"}
     kwargs.update(data=str(data), out=str(out), init_from=str(init_from) if init_from else None)
     last = stage.train(stage.TrainConfig(**kwargs))
-    Console().print(f"checkpoint: {last}", highlight=False)
+    Console(soft_wrap=True).print(f"checkpoint: {last}", highlight=False)
 
 
 def main():

@@ -1,0 +1,413 @@
+"""Train Latte on the latent shards of `latte encode`.
+
+    latte train latents/ucf --out runs/ucf --model Latte-XL/2 --batch 5 --precision bf16
+    torchrun --nproc-per-node 8 -m latte_cli train latents/ucf --out runs/ucf --batch 40
+
+Reads like nanoGPT's train.py inside one function: setup (distributed from the environment, seed, autocast)
+-> data -> model, EMA, optimiser -> resume -> loop -> save. Everything random in a step (clips, flips,
+label dropout, timesteps, noise) is drawn from a generator seeded by (seed, step), for the global batch, of
+which each rank takes its rows: so a resumed run continues exactly, and N processes train exactly like one
+process on the same global batch.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from encode import load_index
+from latte_cli import LatteError
+from latte_cli.diffusion import Diffusion
+from model import Latte, LatteConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str                               # folder written by `latte encode` (index.json and shards)
+    out: str = "runs/latte"                 # run folder: config.json, log.jsonl, checkpoints/step_*/
+    # model (any LatteConfig choice; depth/hidden/heads override the preset)
+    model: str = "Latte-S/2"
+    variant: int = 1
+    patch_embed: str = "uniform"
+    tube_stride: int = 2
+    conditioning: str = "adaln"
+    temporal_pos: str = "sincos"
+    learn_sigma: bool = True
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    # data
+    frames: int = 16                        # frames per clip
+    frame_interval: int = 3                 # clips take every 3rd frame (the paper's main setting)
+    image_frames: int = 0                   # Latte+IMG: frames of other videos appended as images
+    flip: bool = True                       # use the mirrored latents where the shards have them
+    class_dropout: float = 0.1              # labels replaced by the null class, for classifier-free guidance
+    # optimisation (paper: AdamW, constant 1e-4, no weight decay, EMA 0.9999)
+    steps: int = 1000
+    batch: int = 8                          # global batch, over all processes and accumulation steps
+    accum: int = 1                          # gradient accumulation steps
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 0                         # linear warm-up steps, then constant
+    clip_grad: float = 0.0                  # max gradient norm (0: no clipping) ...
+    clip_grad_from: int = 0                 # ... applied from this step on
+    ema_decay: float = 0.9999
+    schedule: str = "linear"                # noise schedule of the 1000-step diffusion
+    # machinery
+    precision: str = "fp32"                 # fp32, bf16 (CPU and CUDA autocast) or fp16 (CUDA, with a grad scaler)
+    compile: bool = False
+    grad_checkpoint: bool = False           # recompute block activations in the backward pass
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    resume: bool = False
+    init_from: str | None = None            # a DiT image checkpoint (paper 3.3.4) or a Latte checkpoint
+    progress: bool = True                   # a rich progress bar when the output is a terminal
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+class LatentClips:
+    """Clips of `frames` latents at `frame_interval` from the shards, with their labels, and (Latte+IMG)
+    single frames drawn from other videos. Shards are memory-mapped by safetensors, so only the clips read
+    are loaded."""
+
+    def __init__(self, root: str | Path, frames: int, interval: int, image_frames: int, flip: bool):
+        self.root, self.frames, self.interval, self.image_frames = Path(root), frames, interval, image_frames
+        self.index = load_index(root)
+        self.flip = flip and self.index["flip"]
+        self.span = (frames - 1) * interval + 1  # frames a clip covers in its video
+        entries = self.index["files"]
+        self.videos = [e for e in entries if not e.get("image") and e["frames"] >= self.span]
+        self.too_short = sum(1 for e in entries if not e.get("image") and e["frames"] < self.span)
+        if not self.videos:
+            longest = max((e["frames"] for e in entries if not e.get("image")), default=0)
+            raise LatteError(f"no video in {root} has the {self.span} frames a clip of {frames} at interval "
+                             f"{interval} needs (the longest has {longest}); lower --frames or --frame-interval")
+        self.image_sources = [e for e in entries if e["frames"] > 0]  # frames of any file may serve as images
+        self.classes = self.index["classes"]
+        self.channels, self.size = self.index["latent_channels"], self.index["latent_size"]
+        self._open = {}
+
+    def _tensor(self, entry: dict, key: str):
+        f = self._open.get(entry["file"])
+        if f is None:
+            f = self._open[entry["file"]] = safe_open(str(self.root / entry["file"]), "pt")
+        return f.get_slice(key)
+
+    def _read(self, entry: dict, start: int, stop: int, step: int, mirrored: bool) -> torch.Tensor:
+        key = "latents_flip" if mirrored else "latents"
+        try:
+            x = self._tensor(entry, key)[start:stop]
+        except Exception as e:
+            raise LatteError(f"cannot read {self.root / entry['file']} ({e}); encode again") from None
+        return x[::step].float()
+
+    def batch(self, n: int, g: torch.Generator, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A global batch of n clips drawn with g (the same on every rank); returns only `rows` of it:
+        x (n_rows, frames + image_frames, C, H, W) and labels (n_rows,) or None."""
+        vid = torch.randint(len(self.videos), (n,), generator=g)
+        u = torch.rand(n, generator=g)
+        mirror = torch.rand(n, generator=g) < 0.5
+        img_src = torch.randint(len(self.image_sources), (n, self.image_frames), generator=g)
+        img_u = torch.rand(n, self.image_frames, generator=g)
+        img_mirror = torch.rand(n, self.image_frames, generator=g) < 0.5
+        clips, labels = [], []
+        for i in range(n)[rows]:
+            e = self.videos[vid[i]]
+            start = int(u[i] * (e["frames"] - self.span + 1))
+            parts = [self._read(e, start, start + self.span, self.interval, self.flip and bool(mirror[i]))]
+            for j in range(self.image_frames):
+                src = self.image_sources[img_src[i, j]]
+                if src is e and len(self.image_sources) > 1:  # images come from other videos
+                    src = self.image_sources[(img_src[i, j] + 1) % len(self.image_sources)]
+                k = int(img_u[i, j] * src["frames"])
+                parts.append(self._read(src, k, k + 1, 1, self.flip and bool(img_mirror[i, j])))
+            clips.append(torch.cat(parts))
+            labels.append(e.get("label") or 0)
+        y = torch.tensor(labels) if self.classes else None
+        return torch.stack(clips), y
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+
+
+def fingerprint(model: torch.nn.Module) -> list[float]:
+    """Two float64 sums over all weights: equal on every rank of a healthy DDP run."""
+    with torch.no_grad():
+        return [sum(p.double().sum().item() for p in model.parameters()),
+                sum(p.double().abs().sum().item() for p in model.parameters())]
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (a folder appears only once wholly written)."""
+    return sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "state.json").exists())
+
+
+def save_checkpoint(run: Path, step: int, model: Latte, ema: Latte, opt, scaler, cfg: TrainConfig, extra: dict):
+    final = run / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    info = {"classes": extra["classes"], "step": step}
+    model.save(tmp / "model.safetensors", extra=info)
+    ema.save(tmp / "ema.safetensors", extra=info)
+    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+    state = {"step": step, "seed": cfg.seed, "train": asdict(cfg), "model": json.loads(model.config.to_json()),
+             "rng": f"every step reseeds from (seed={cfg.seed}, step); the next step is {step}", **extra}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():  # a run restarted from an earlier checkpoint rewrites this step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoints(run)[: -cfg.keep_last] if cfg.keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def init_weights_from(model: Latte, path: str) -> str:
+    """Initialise from a DiT image checkpoint (Latte 3.3.4) or another Latte checkpoint: every tensor whose
+    name and shape match is copied (DiT block i -> Latte block i; the per-frame position table is the DiT
+    table, reused for every frame); a label table of another size (DiT's 1000 classes) is dropped and the
+    new one starts at zero."""
+    p = Path(path)
+    if p.is_dir():
+        p = next((p / n for n in ("ema.safetensors", "model.safetensors") if (p / n).exists()), p / "missing")
+    if not p.is_file():
+        raise LatteError(f"--init-from {path} does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(sd, dict):
+                sd = sd.get("ema", sd.get("model", sd))
+    except Exception as e:
+        raise LatteError(f"--init-from {path} is not a readable checkpoint ({type(e).__name__})") from None
+    own = model.state_dict()
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if torch.is_tensor(v)}
+    copied = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    if "x_embedder.proj.weight" not in copied:
+        raise LatteError(f"--init-from {path}: its patch embedding does not fit this model")
+    if model.config.num_classes and "y_embedder.embedding_table.weight" not in copied:
+        copied["y_embedder.embedding_table.weight"] = torch.zeros_like(own["y_embedder.embedding_table.weight"])
+    model.load_state_dict({**own, **copied})
+    return f"initialised {len(copied)} of {len(own)} tensors from {path}"
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def train(cfg: TrainConfig) -> Path:
+    """Train; returns the folder of the last checkpoint."""
+    # ---- setup
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if cfg.device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise LatteError(f"--precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
+    if cfg.precision == "fp16" and device_type != "cuda":
+        raise LatteError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
+    if cfg.batch % (world * cfg.accum):
+        raise LatteError(f"--batch {cfg.batch} does not split into {world} processes x {cfg.accum} accumulation steps")
+    micro = cfg.batch // cfg.accum                     # clips per accumulation step, over all ranks
+    rows = slice(rank * micro // world, (rank + 1) * micro // world)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    autocast = torch.autocast(device_type, dtype=amp) if amp else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
+    run = Path(cfg.out)
+    log = Logger(run, master, cfg.progress)
+
+    # ---- data
+    data = LatentClips(cfg.data, cfg.frames, cfg.frame_interval, cfg.image_frames, cfg.flip)
+
+    # ---- model, EMA, optimiser
+    overrides = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads") if getattr(cfg, k) is not None}
+    try:
+        mcfg = LatteConfig.preset(
+            cfg.model, variant=cfg.variant, patch_embed=cfg.patch_embed, tube_stride=cfg.tube_stride,
+            conditioning=cfg.conditioning, temporal_pos=cfg.temporal_pos, learn_sigma=cfg.learn_sigma,
+            input_size=data.size, in_channels=data.channels, num_frames=cfg.frames,
+            num_classes=len(data.classes), **overrides)
+    except ValueError as e:
+        raise LatteError(f"model options: {e}") from None
+    if data.size % mcfg.patch_size:
+        raise LatteError(f"latents of {data.size}x{data.size} do not divide into patches of {mcfg.patch_size}")
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = Latte(mcfg).to(device)
+    if cfg.init_from and not cfg.resume:
+        log.line(init_weights_from(model, cfg.init_from))
+    ema = Latte(mcfg).to(device).requires_grad_(False).eval()
+    ema.load_state_dict(model.state_dict())  # EMA starts as an exact copy
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    diffusion = Diffusion(schedule=cfg.schedule, learn_sigma=cfg.learn_sigma)
+
+    # ---- resume
+    start = 0
+    found = checkpoints(run) if cfg.resume else []
+    if found:
+        ckpt = found[-1]
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["model"] != json.loads(mcfg.to_json()):
+            raise LatteError(f"{ckpt} was trained with another model configuration; use another --out")
+        model.load_weights(load_file(str(ckpt / "model.safetensors"), device=device), str(ckpt))
+        ema.load_weights(load_file(str(ckpt / "ema.safetensors"), device=device), str(ckpt))
+        other = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(other["optimizer"])
+        scaler.load_state_dict(other["scaler"])
+        start = state["step"]
+        log.line(f"resumed from {ckpt} at step {start}")
+    elif master:
+        run.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and checkpoints(run):
+            raise LatteError(f"{run} already holds checkpoints; pass --resume to continue or choose another --out")
+        (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
+    if master:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.line(f"model: {cfg.model}, {mcfg.describe()}, {n / 1e6:.2f}M parameters; data: {len(data.videos)} videos"
+                 + (f" ({data.too_short} too short, left out)" if data.too_short else "")
+                 + f", {len(data.classes) or 'no'} classes; {world} process(es) on {device}, {cfg.precision}")
+
+    net = model
+    if cfg.grad_checkpoint:
+        net.gradient_checkpointing = True
+    if cfg.compile:
+        net = torch.compile(net)
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device_type == "cuda" else None)
+
+    # ---- loop
+    extra = {"classes": data.classes, "data": str(cfg.data)}
+    last = found[-1] if found else None
+    timer, window = time.perf_counter(), []
+    log.start(cfg.steps, start)
+    for step in range(start, cfg.steps):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        terms = torch.zeros(3, device=device)
+        for k in range(cfg.accum):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + k)
+            x0, y = data.batch(micro, g, rows)
+            t = torch.randint(diffusion.num_timesteps, (micro,), generator=g)[rows]
+            noise = torch.randn((micro, *x0.shape[1:]), generator=g)[rows]
+            kwargs = {"num_images": cfg.image_frames}
+            if y is not None:  # label dropout: the null class trains the unconditional model for guidance
+                drop = torch.rand(micro, generator=g)[rows] < cfg.class_dropout
+                kwargs["y"] = torch.where(drop, mcfg.num_classes, y).to(device)
+            sync = nullcontext() if not ddp or k == cfg.accum - 1 else net.no_sync()
+            with sync:
+                with autocast:
+                    losses = diffusion.training_losses(net, x0.to(device), t.to(device), kwargs, noise.to(device))
+                loss = losses["loss"].mean() / cfg.accum
+                scaler.scale(loss).backward()
+            terms += torch.stack([losses[n].detach().float().mean() for n in ("loss", "mse", "vb")]) / cfg.accum
+        if ddp:
+            dist.all_reduce(terms)  # a sum: gloo has no average
+            terms /= world
+        if not torch.isfinite(terms).all():
+            opt.zero_grad(set_to_none=True)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise LatteError(f"the loss became {terms[0].item()} at step {step}; stopped ({where})")
+        scaler.unscale_(opt)
+        clip = cfg.clip_grad if cfg.clip_grad > 0 and step >= cfg.clip_grad_from else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema_decay)
+
+        done = step + 1
+        window.append(time.perf_counter() - timer)
+        timer = time.perf_counter()
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            sec = sum(window) / len(window)
+            log.record(step=done, loss=terms[0].item(), mse=terms[1].item(), vb=terms[2].item(),
+                       grad_norm=grad_norm.item(), steps_per_s=1 / sec, clips_per_s=cfg.batch / sec,
+                       lr=opt.param_groups[0]["lr"])
+            window = []
+        log.advance()
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if ddp:  # every rank's weights fingerprinted: DDP must keep the replicas identical
+                prints = [None] * world
+                dist.all_gather_object(prints, fingerprint(model))
+                extra["rank_fingerprints"] = prints
+                if any(p != prints[0] for p in prints):
+                    raise LatteError(f"the {world} processes hold different weights at step {done}")
+            if master:
+                last = save_checkpoint(run, done, model, ema, opt, scaler, cfg, extra)
+            if ddp:
+                dist.barrier()
+    log.stop()
+    if ddp:
+        dist.destroy_process_group()
+    return last if last is not None else run
+
+
+class Logger:
+    """Rank 0 logs: one plain, greppable line per log step on stdout and in log.jsonl; a rich progress bar
+    when stdout is a terminal."""
+
+    def __init__(self, run: Path, master: bool, progress: bool):
+        from rich.console import Console
+
+        self.run, self.master, self.console = run, master, Console(soft_wrap=True, highlight=False)
+        self.use_bar = master and progress and self.console.is_terminal
+        self.bar = None
+
+    def line(self, text: str):
+        if self.master:
+            self.console.print(text)
+
+    def start(self, total: int, done: int):
+        if self.use_bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                               console=self.console)
+            self.task = self.bar.add_task("train", total=total, completed=done)
+            self.bar.start()
+
+    def advance(self):
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def stop(self):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def record(self, **values):
+        if not self.master:
+            return
+        with open(self.run / "log.jsonl", "a") as f:
+            f.write(json.dumps(values) + "\n")
+        self.line(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+
