@@ -53,6 +53,7 @@ class TrainConfig:
     class_dropout: float = 0.1              # labels replaced by the null class, for classifier-free guidance
     # optimisation (paper: AdamW, constant 1e-4, no weight decay, EMA 0.9999)
     steps: int = 1000
+    minutes: float = 0.0                    # stop (with a checkpoint) after this much training time; 0: no limit
     batch: int = 8                          # global batch, over all processes and accumulation steps
     accum: int = 1                          # gradient accumulation steps
     lr: float = 1e-4
@@ -309,6 +310,7 @@ def train(cfg: TrainConfig) -> Path:
     last = found[-1] if found else None
     timer, window = time.perf_counter(), []
     log.start(cfg.steps, start)
+    began = time.perf_counter()
     for step in range(start, cfg.steps):
         model.train()
         for group in opt.param_groups:
@@ -346,16 +348,20 @@ def train(cfg: TrainConfig) -> Path:
         update_ema(ema, model, cfg.ema_decay)
 
         done = step + 1
+        out_of_time = torch.tensor(cfg.minutes > 0 and time.perf_counter() - began > 60 * cfg.minutes)
+        if ddp:  # rank 0's clock decides for all
+            dist.broadcast(out_of_time, 0)
+        final = done == cfg.steps or bool(out_of_time)
         window.append(time.perf_counter() - timer)
         timer = time.perf_counter()
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or final:
             sec = sum(window) / len(window)
             log.record(step=done, loss=terms[0].item(), mse=terms[1].item(), vb=terms[2].item(),
                        grad_norm=grad_norm.item(), steps_per_s=1 / sec, clips_per_s=cfg.batch / sec,
                        lr=opt.param_groups[0]["lr"])
             window = []
         log.advance()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or final:
             if ddp:  # every rank's weights fingerprinted: DDP must keep the replicas identical
                 prints = [None] * world
                 dist.all_gather_object(prints, fingerprint(model))
@@ -366,6 +372,8 @@ def train(cfg: TrainConfig) -> Path:
                 last = save_checkpoint(run, done, model, ema, opt, scaler, cfg, extra)
             if ddp:
                 dist.barrier()
+        if final:
+            break
     log.stop()
     if ddp:
         dist.destroy_process_group()

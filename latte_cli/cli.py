@@ -164,6 +164,7 @@ def train(
     flip: bool = typer.Option(True, help="Use the mirrored latents where the shards have them."),
     class_dropout: float = typer.Option(0.1, help="Label dropout for classifier-free guidance."),
     steps: int = typer.Option(1000, help="Optimiser steps in all."),
+    minutes: float = typer.Option(0.0, help="Stop with a checkpoint after this much training time (0: no limit)."),
     batch: int = typer.Option(8, help="Global batch (all processes and accumulation steps)."),
     accum: int = typer.Option(1, help="Gradient accumulation steps."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate (constant after warm-up)."),
@@ -191,6 +192,57 @@ def train(
     kwargs.update(data=str(data), out=str(out), init_from=str(init_from) if init_from else None)
     last = stage.train(stage.TrainConfig(**kwargs))
     Console(soft_wrap=True).print(f"checkpoint: {last}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- sample
+
+
+@app.command()
+@friendly
+def sample(
+    ckpt: Path = typer.Argument(..., help="Checkpoint: a step folder or .safetensors of ours, or a published .pt."),
+    out: Path = typer.Option(Path("samples"), help="Output folder for the mp4 files and the contact sheet."),
+    num: int = typer.Option(4, help="Number of videos."),
+    sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) or ddim."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default 250 for ddpm, 50 for ddim)."),
+    eta: float = typer.Option(0.0, help="DDIM noise: 0 deterministic, 1 like DDPM."),
+    cfg_scale: float = typer.Option(7.0, help="Classifier-free guidance scale (class-conditional models; 1 = off)."),
+    classes: Optional[list[str]] = typer.Option(None, "--class", help="Class id or name; repeat it; cycled."),
+    seed: int = typer.Option(0, help="Video i uses seed + i: the same seed gives the same videos."),
+    vae: str = typer.Option("none", help="SD-1.4 VAE weights (file or folder), or none for pixel-space models."),
+    fps: int = typer.Option(8, help="Frames per second of the mp4 files."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, or fp16 (CUDA)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    batch: int = typer.Option(4, help="Videos denoised together."),
+):
+    """Sample videos from a Latte checkpoint: mp4 files and one PNG contact sheet."""
+    import sample as stage
+
+    paths = stage.sample(stage.SampleConfig(
+        ckpt=str(ckpt), out=str(out), num=num, sampler=sampler, steps=steps, eta=eta, cfg_scale=cfg_scale,
+        classes=classes or [], seed=seed, vae=vae, fps=fps, precision=precision, device=device, batch=batch))
+    Console(soft_wrap=True).print(f"wrote {len(paths) - 1} videos and {paths[-1]}", highlight=False)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Folder for the data, the run and the samples."),
+    minutes: float = typer.Option(6.0, help="Training time budget in minutes."),
+    model: str = typer.Option("Latte-S/4", help="Size preset (the demo narrows it with --depth/--hidden-size)."),
+    depth: int = typer.Option(8, help="Blocks (spatial and temporal, alternating)."),
+    hidden_size: int = typer.Option(128, help="Width."),
+    num_heads: int = typer.Option(4, help="Attention heads."),
+    videos: int = typer.Option(256, help="Synthetic training videos."),
+    num: int = typer.Option(8, help="Videos to sample."),
+    sample_steps: int = typer.Option(50, help="DDIM steps."),
+    seed: int = typer.Option(0, help="Seed of the data, the training and the samples."),
+):
+    """The whole pipeline in one command, no downloads: synth -> encode -> train -> sample."""
+    from latte_cli.demo import demo as run_demo
+
+    run_demo(out, minutes=minutes, model=model, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+             videos=videos, num=num, sample_steps=sample_steps, seed=seed)
 
 
 def main():

@@ -1,0 +1,137 @@
+"""Sample videos from a trained Latte model.
+
+    latte sample runs/ucf/checkpoints/step_00100000 --out samples --num 8 --class ApplyEyeMakeup --vae sd-vae
+    latte sample ucf101.pt --out samples --sampler ddim --steps 50 --cfg-scale 7 --vae sd-vae-ft-ema
+
+Each video's starting noise and every later draw come from its own generator (seed + video number), so a
+video is the same whatever the batch it is made in. Latents go through the VAE decoder a chunk of frames at a
+time, and each video is written as an H.264 mp4, plus one PNG contact sheet of all videos.
+"""
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from latte_cli import LatteError
+from latte_cli.diffusion import Diffusion, classifier_free_guidance
+from latte_cli.vae import load_vae
+from latte_cli.video import contact_sheet, write_video
+from model import Latte
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str                               # our checkpoint (.safetensors or a step folder) or a published .pt
+    out: str = "samples"
+    num: int = 4                            # videos
+    sampler: str = "ddpm"                   # ddpm (ancestral, learned variance) or ddim
+    steps: int | None = None                # denoising steps: 250 for ddpm, 50 for ddim
+    eta: float = 0.0                        # DDIM noise (0: deterministic)
+    cfg_scale: float = 7.0                  # classifier-free guidance for class-conditional models (1: none)
+    classes: list[str] = field(default_factory=list)  # ids or names, cycled over the videos; default all
+    seed: int = 0
+    vae: str = "none"                       # SD-1.4 VAE weights, or none for pixel-space models
+    fps: int = 8
+    precision: str = "fp32"                 # fp32, bf16, fp16 (CUDA)
+    device: str = "auto"
+    batch: int = 4                          # videos denoised together
+    vae_chunk: int = 8                      # frames per VAE decoder call
+    progress: bool = True
+
+
+def checkpoint_classes(path: Path) -> list[str]:
+    """Class names stored with our checkpoints (train.py puts the data set's in the metadata), else []."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).exists()), path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("classes", "[]"))
+
+
+def resolve_labels(requested: list[str], num_classes: int, names: list[str], num: int) -> list[int] | None:
+    if not num_classes:
+        if requested:
+            raise LatteError("this model is unconditional; it takes no --class")
+        return None
+    ids = []
+    for r in requested or [str(i) for i in range(num_classes)]:
+        if r in names:
+            ids.append(names.index(r))
+        elif r.lstrip("-").isdigit() and 0 <= int(r) < num_classes:
+            ids.append(int(r))
+        else:
+            known = f"; known names: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
+            raise LatteError(f"class {r!r} is not one of the model's {num_classes} classes (0..{num_classes - 1}"
+                             f"{known})")
+    return [ids[i % len(ids)] for i in range(num)]
+
+
+@torch.no_grad()
+def sample(cfg: SampleConfig) -> list[Path]:
+    """Make cfg.num videos; returns the mp4 paths, then the contact sheet's."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if cfg.sampler not in ("ddpm", "ddim"):
+        raise LatteError(f"--sampler must be ddpm or ddim, not {cfg.sampler!r}")
+    if cfg.precision not in ("fp32", "bf16", "fp16") or (cfg.precision == "fp16" and device_type != "cuda"):
+        raise LatteError(f"--precision {cfg.precision} is not available on {device} (fp32, bf16; fp16 on CUDA)")
+    if min(cfg.num, cfg.batch, cfg.vae_chunk, cfg.fps) < 1:
+        raise LatteError("--num, --batch, --vae-chunk and --fps must be at least 1")
+    steps = cfg.steps or (250 if cfg.sampler == "ddpm" else 50)
+    if not 1 <= steps <= 1000:
+        raise LatteError(f"--steps must be between 1 and 1000, not {steps}")
+
+    # everything is checked before the first file is written
+    model = Latte.from_pretrained(cfg.ckpt).to(device).eval()
+    mc = model.config
+    vae = load_vae(cfg.vae, device=device)
+    if vae.latent_channels != mc.in_channels:
+        raise LatteError(f"the model makes {mc.in_channels}-channel latents but the VAE ({cfg.vae}) takes "
+                         f"{vae.latent_channels}; pass the VAE the model was trained with")
+    labels = resolve_labels(cfg.classes, mc.num_classes, checkpoint_classes(Path(cfg.ckpt)), cfg.num)
+    diffusion = Diffusion(learn_sigma=mc.learn_sigma, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
+    guided = labels is not None and cfg.cfg_scale != 1.0
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    autocast = torch.autocast(device_type, dtype=amp) if amp else nullcontext()
+    shape = (mc.num_frames, mc.in_channels, mc.input_size, mc.input_size)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True, soft_wrap=True)
+    columns = (TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    batches = [list(range(i, min(i + cfg.batch, cfg.num))) for i in range(0, cfg.num, cfg.batch)]
+    videos, paths = [], []
+    with Progress(*columns, console=console, disable=not cfg.progress) as bar:
+        task = bar.add_task("sample", total=len(batches) * diffusion.num_timesteps)
+        for ids in batches:
+            generators = [torch.Generator().manual_seed(cfg.seed + i) for i in ids]
+            kwargs, net = {}, model
+            if labels is not None:
+                kwargs["y"] = torch.tensor([labels[i] for i in ids], device=device)
+            if guided:  # one call on the batch doubled with the null class
+                null = torch.full((len(ids),), mc.num_classes, device=device)
+                net = classifier_free_guidance(model, cfg.cfg_scale, {"y": null})
+            loop = diffusion.ddim_sample_loop if cfg.sampler == "ddim" else diffusion.p_sample_loop
+            extra = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+            with autocast:
+                z = loop(net, (len(ids), *shape), model_kwargs=kwargs, generator=generators, device=device,
+                         callback=lambda *_: bar.advance(task), **extra)
+            for i, latents in zip(ids, z.float(), strict=True):
+                frames = vae.decode(latents, chunk=cfg.vae_chunk, precision=cfg.precision).clamp(-1, 1).cpu()
+                path = out / f"sample_{i:03d}.mp4"
+                write_video(path, frames, fps=cfg.fps)
+                videos.append(frames)
+                paths.append(path)
+    sheet = out / "contact_sheet.png"
+    contact_sheet(sheet, videos)
+    return [*paths, sheet]
