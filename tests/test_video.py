@@ -1,0 +1,115 @@
+"""Video I/O: files written here are read back with PyAV directly, and resizing is checked against torch."""
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latte_cli import LatteError
+from latte_cli.video import BACKGROUND, COLOURS, contact_sheet, read_video, synth, write_video
+
+
+def smooth_video(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """(t, 3, h, w) in [-1, 1] with gentle gradients, which H.264 keeps nearly exactly."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(t, 3, 3, 3, generator=g) * 1.6 - 0.8
+    return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).clamp(-1, 1)
+
+
+def decode_rgb(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_write_video_is_h264_yuv420p(tmp_path):
+    x = smooth_video(6, 31, 33)  # odd sides: yuv420p needs even ones, the last row and column are repeated
+    write_video(tmp_path / "v.mp4", x, fps=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]  # no temporary file left
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.name, s.codec_context.pix_fmt) == ("h264", "yuv420p")
+        assert (s.width, s.height) == (34, 32)
+        assert float(s.average_rate) == 8
+    rgb = decode_rgb(tmp_path / "v.mp4")
+    assert rgb.shape == (6, 32, 34, 3)
+    want = ((x + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    assert np.abs(rgb[:, :31, :33].astype(float) - want).mean() < 4  # out of 255: lossy, but close
+    assert np.abs(rgb[:, 31, :33].astype(float) - want[:, 30]).mean() < 4  # the repeated last row
+
+
+def test_read_video_crops_the_center_and_resizes(tmp_path):
+    x = smooth_video(5, 48, 64, seed=1)
+    write_video(tmp_path / "v.mp4", x)
+    v = read_video(tmp_path / "v.mp4", 24)
+    assert v.shape == (5, 3, 24, 24) and v.dtype == torch.float32 and -1 <= v.min() and v.max() <= 1
+    # independent reference: the central 48x48 square of the source, area-averaged to 24x24
+    ref = F.interpolate(x[:, :, :, 8:56], size=(24, 24), mode="area")
+    assert (v - ref).abs().mean() < 0.03
+    shifted = F.interpolate(x[:, :, :, :48], size=(24, 24), mode="area")  # a wrong crop is clearly worse
+    assert (v - shifted).abs().mean() > 2 * (v - ref).abs().mean()
+    every_other = read_video(tmp_path / "v.mp4", 24, stride=2, max_frames=2)
+    assert torch.equal(every_other, v[[0, 2]])
+
+
+def test_read_video_rejects_bad_files(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    for name, words in (("empty.mp4", "empty"), ("noise.mp4", "cannot read"), ("missing.mp4", "cannot read")):
+        with pytest.raises(LatteError, match=words):
+            read_video(tmp_path / name, 16)
+
+
+def test_contact_sheet_png(tmp_path):
+    videos = [smooth_video(t, 8, 10, seed=t) for t in (5, 7, 3)]
+    contact_sheet(tmp_path / "sheet.png", videos, max_frames=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sheet.png"]
+    sheet = decode_rgb(tmp_path / "sheet.png")[0]
+    assert sheet.shape == (3 * 8, 6 * 10, 3)
+    cell = lambda r, c: sheet[r * 8 : (r + 1) * 8, c * 10 : (c + 1) * 10]
+    as_uint8 = lambda f: ((f + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(cell(1, 5), as_uint8(videos[1][5]))  # PNG is lossless
+    assert np.array_equal(cell(0, 0), as_uint8(videos[0][0]))
+    assert cell(2, 4).max() == 0  # the 3-frame video leaves its later cells black
+    # a (B, T, 3, H, W) batch works the same, and a PNG reads back as a one-frame item
+    contact_sheet(tmp_path / "batch.png", torch.stack([videos[0], videos[0]]))
+    assert decode_rgb(tmp_path / "batch.png")[0].shape == (16, 50, 3)
+    assert read_video(tmp_path / "batch.png", 16).shape == (1, 3, 16, 16)
+
+
+def test_synth_bouncing_shapes(tmp_path):
+    paths = synth(tmp_path / "data", videos=8, frames=12, size=32, classes=4, seed=3)
+    assert [p.relative_to(tmp_path / "data").as_posix() for p in paths[:2]] == [
+        "class_0/video_0000.mp4", "class_1/video_0001.mp4"]
+    areas = {}
+    for i, path in enumerate(paths):
+        v = read_video(path, 32)
+        assert v.shape == (12, 3, 32, 32) and -1 <= v.min() and v.max() <= 1
+        rgb = (v + 1) * 127.5  # (T, 3, H, W) in 0..255
+        shape = (rgb - torch.tensor(BACKGROUND)[:, None, None]).norm(dim=1) > 100  # (T, H, W)
+        area = shape.flatten(1).sum(1).float()
+        assert area.min() > 30 and area.max() < 160  # one bold shape, fully inside every frame
+        colour = (rgb.permute(0, 2, 3, 1)[shape]).mean(0)
+        assert (colour - torch.tensor(COLOURS[i % 4], dtype=torch.float)).abs().max() < 40
+        areas.setdefault(i % 4, []).append(area.mean().item())
+        # the centre moves 1-3 px per frame at a constant velocity, except on the frames it bounces; the
+        # shape is drawn on whole pixels, so each step is the true one rounded up or down
+        yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        centre = torch.stack([(xx * shape).sum((1, 2)), (yy * shape).sum((1, 2))], 1) / area[:, None]
+        step = centre.diff(dim=0).abs()  # (T - 1, 2) as (x, y)
+        assert 0.8 < step.mean(0).norm() < 3.3
+        assert ((step - step.mean(0)).abs().max(1).values < 1).float().mean() >= 0.6
+    # the class decides the shape: square > disc > triangle, diamond in pixel count
+    square, disc, tri, diamond = (np.mean(areas[k]) for k in range(4))
+    assert square > disc > max(tri, diamond)
+    again = synth(tmp_path / "again", videos=2, frames=12, size=32, classes=4, seed=3)
+    other = synth(tmp_path / "other", videos=2, frames=12, size=32, classes=4, seed=4)
+    assert again[1].read_bytes() == paths[1].read_bytes()
+    assert not np.array_equal(decode_rgb(other[1]), decode_rgb(paths[1]))
+
+
+def test_synth_rejects_impossible_requests(tmp_path):
+    with pytest.raises(LatteError, match="classes"):
+        synth(tmp_path, videos=2, frames=4, size=32, classes=21)
+    with pytest.raises(LatteError):
+        synth(tmp_path, videos=0, frames=4, size=32, classes=1)
