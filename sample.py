@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from latte_cli import LatteError
-from latte_cli.diffusion import Diffusion, classifier_free_guidance
+from latte_cli.diffusion import Diffusion, classifier_free_guidance, given_frames, randn
 from latte_cli.vae import load_vae
 from latte_cli.video import contact_sheet, write_video
 from model import Latte
@@ -42,20 +42,23 @@ class SampleConfig:
     batch: int = 4                          # videos denoised together
     vae_chunk: int = 8                      # frames per VAE decoder call
     progress: bool = True
+    # long videos (models trained with --cond-frames)
+    frames: int | None = None               # frames per video; more than the model's clip extends it clip by clip
+    context: int | None = None              # frames of the previous clip given to the next (default: as trained)
 
 
-def checkpoint_classes(path: Path) -> list[str]:
-    """Class names stored with our checkpoints (train.py puts the data set's in the metadata), else []."""
+def checkpoint_info(path: Path) -> dict:
+    """What train.py stores beside our weights (class names, cond_frames, cond_noise), else {}."""
     path = Path(path)
     if path.is_dir():
         path = next((path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).exists()), path)
     if path.suffix != ".safetensors" or not path.is_file():
-        return []
+        return {}
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta.get("classes", "[]"))
+    return {k: json.loads(v) for k, v in meta.items() if k != "latte_config"}
 
 
 def resolve_labels(requested: list[str], num_classes: int, names: list[str], num: int) -> list[int] | None:
@@ -98,12 +101,21 @@ def sample(cfg: SampleConfig) -> list[Path]:
     if vae.latent_channels != mc.in_channels:
         raise LatteError(f"the model makes {mc.in_channels}-channel latents but the VAE ({cfg.vae}) takes "
                          f"{vae.latent_channels}; pass the VAE the model was trained with")
-    labels = resolve_labels(cfg.classes, mc.num_classes, checkpoint_classes(Path(cfg.ckpt)), cfg.num)
+    info = checkpoint_info(Path(cfg.ckpt))
+    labels = resolve_labels(cfg.classes, mc.num_classes, info.get("classes", []), cfg.num)
+    F, total = mc.num_frames, cfg.frames or mc.num_frames
+    context = cfg.context or info.get("cond_frames") or F // 4
+    if total > F and not mc.cond_frames:
+        raise LatteError(f"this model makes {F}-frame clips; longer videos need a model trained with --cond-frames")
+    if total > F and not 0 < context < F:
+        raise LatteError(f"--context must be between 1 and {F - 1}, not {context}")
+    clips = 1 + max(0, -(-(total - F) // (F - context)))  # the first clip, then F - context new frames each
     diffusion = Diffusion(learn_sigma=mc.learn_sigma, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
-    guided = labels is not None and cfg.cfg_scale != 1.0
+    cond_noise = info.get("cond_noise", 100) // 2  # given frames at a fixed small noise level (LVDM)
+    forward = Diffusion(learn_sigma=mc.learn_sigma)  # the 1000-step forward process that noises given frames
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     autocast = torch.autocast(device_type, dtype=amp) if amp else nullcontext()
-    shape = (mc.num_frames, mc.in_channels, mc.input_size, mc.input_size)
+    shape = (F, mc.in_channels, mc.input_size, mc.input_size)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,26 +124,53 @@ def sample(cfg: SampleConfig) -> list[Path]:
     batches = [list(range(i, min(i + cfg.batch, cfg.num))) for i in range(0, cfg.num, cfg.batch)]
     videos, paths = [], []
     with Progress(*columns, console=console, disable=not cfg.progress) as bar:
-        task = bar.add_task("sample", total=len(batches) * diffusion.num_timesteps)
+        task = bar.add_task("sample", total=len(batches) * clips * diffusion.num_timesteps)
         for ids in batches:
             generators = [torch.Generator().manual_seed(cfg.seed + i) for i in ids]
-            kwargs, net = {}, model
-            if labels is not None:
-                kwargs["y"] = torch.tensor([labels[i] for i in ids], device=device)
-            if guided:  # one call on the batch doubled with the null class
-                null = torch.full((len(ids),), mc.num_classes, device=device)
-                net = classifier_free_guidance(model, cfg.cfg_scale, {"y": null})
-            loop = diffusion.ddim_sample_loop if cfg.sampler == "ddim" else diffusion.p_sample_loop
-            extra = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+            y = torch.tensor([labels[i] for i in ids], device=device) if labels is not None else None
+            args = (model, diffusion, (len(ids), *shape), generators, cfg, y)
+            step = lambda *_: bar.advance(task)
             with autocast:
-                z = loop(net, (len(ids), *shape), model_kwargs=kwargs, generator=generators, device=device,
-                         callback=lambda *_: bar.advance(task), **extra)
-            for i, latents in zip(ids, z.float(), strict=True):
+                z = generate(*args, device=device, callback=step)
+                while z.shape[1] < total:  # extend: the last frames become the next clip's given frames
+                    clean = torch.cat([z[:, -context:], torch.zeros_like(z[:, : F - context])], dim=1)
+                    mask = (torch.arange(F, device=device) < context).expand(len(ids), F)
+                    t_given = torch.full((len(ids),), cond_noise, device=device)
+                    noised = forward.q_sample(clean, t_given, randn(clean.shape, generators, device))
+                    new = generate(*args, given=(clean, noised), mask=mask, device=device, callback=step)
+                    z = torch.cat([z, new[:, context:]], dim=1)
+            for i, latents in zip(ids, z[:, :total].float(), strict=True):
                 frames = vae.decode(latents, chunk=cfg.vae_chunk, precision=cfg.precision).clamp(-1, 1).cpu()
                 path = out / f"sample_{i:03d}.mp4"
                 write_video(path, frames, fps=cfg.fps)
                 videos.append(frames)
                 paths.append(path)
     sheet = out / "contact_sheet.png"
-    contact_sheet(sheet, videos)
+    contact_sheet(sheet, videos, max_frames=total)
     return [*paths, sheet]
+
+
+def generate(model, diffusion: Diffusion, shape: tuple, generators: list, cfg: SampleConfig, y=None,
+             given: tuple | None = None, mask=None, device="cpu", callback=None) -> torch.Tensor:
+    """One clip of latents. y: class labels; given = (clean, noised) latents of the frames where mask
+    (B, F) is True, for a --cond-frames model: the model sees the noised ones, the output holds the clean
+    ones. Guidance contrasts with the model stripped of every condition: the null class and no given frames
+    (classifier-free guidance; Video LDM's context guidance)."""
+    fn, kwargs, uncond = model, {}, {}
+    if y is not None:
+        kwargs["y"], uncond["y"] = y, torch.full_like(y, model.config.num_classes)
+    if given is not None:
+        fn, kwargs["mask"], uncond["mask"] = given_frames(model, given[1]), mask.float(), torch.zeros_like(mask.float())
+    elif model.config.cond_frames:
+        kwargs["mask"] = torch.zeros(shape[:2], device=device)
+    if uncond and cfg.cfg_scale != 1.0:
+        fn = classifier_free_guidance(fn, cfg.cfg_scale, uncond)
+    if cfg.sampler == "ddim":
+        z = diffusion.ddim_sample_loop(fn, shape, model_kwargs=kwargs, generator=generators, device=device,
+                                       eta=cfg.eta, callback=callback)
+    else:
+        z = diffusion.p_sample_loop(fn, shape, model_kwargs=kwargs, generator=generators, device=device,
+                                    callback=callback)
+    if given is not None:  # the given frames come back as they were given, without their light noise
+        z = torch.where(mask[:, :, None, None, None], given[0], z)
+    return z

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from encode import load_index
 from latte_cli import LatteError
-from latte_cli.diffusion import Diffusion
+from latte_cli.diffusion import Diffusion, given_frames
 from model import Latte, LatteConfig
 
 
@@ -74,6 +74,10 @@ class TrainConfig:
     keep_last: int = 3
     resume: bool = False
     init_from: str | None = None            # a DiT image checkpoint (paper 3.3.4) or a Latte checkpoint
+    # long videos (Video LDM, LVDM)
+    cond_frames: int = 0                    # train with given frames: prefixes of 1..k frames, key frames (0: off)
+    cond_noise: int = 100                   # given frames are noised to a random step below this (LVDM)
+    train_only: str = "all"                 # "temporal": freeze all but the temporal blocks (Video LDM)
     progress: bool = True                   # a rich progress bar when the output is a terminal
 
 
@@ -141,6 +145,36 @@ class LatentClips:
         return torch.stack(clips), y
 
 
+def draw_masks(n: int, frames: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """(n, frames) bool, True on given frames. Each clip draws one of three patterns with equal chance:
+    none (unconditional generation), a prefix of 1..k frames (prediction, to extend a video), or key frames
+    every 2-4 frames (interpolation), so that one network learns all three (Video LDM 3.1.1, LVDM 3.3)."""
+    kind = torch.randint(3, (n, 1), generator=g)
+    length = torch.randint(1, k + 1, (n, 1), generator=g)
+    every = torch.randint(2, 5, (n, 1), generator=g)
+    i = torch.arange(frames)[None]
+    return ((kind == 1) & (i < length)) | ((kind == 2) & (i % every == 0))
+
+
+def freeze_all_but_temporal(model: Latte) -> int:
+    """Video LDM: train only the temporal parts of an image model; returns the trainable parameter count.
+    The temporal blocks start as the identity (zero adaLN gates), so the model starts as the image model."""
+    cfg = model.config
+    if cfg.variant == 4 or cfg.conditioning != "adaln":
+        raise LatteError("--train-only temporal needs separate, gated temporal parts: variants 1-3 with adaln")
+    if cfg.temporal_pos != "rope":
+        raise LatteError("--train-only temporal needs --temporal-pos rope: a sin-cos table added to every token "
+                         "would change what the frozen spatial blocks see")
+    model.requires_grad_(False)
+    for block in model.blocks:
+        part = block if block.kind == "temporal" else getattr(block, "attn_temporal", None)
+        if part is not None:
+            part.requires_grad_(True)
+        if block.kind == "factorised":  # its modulation serves both attentions and the MLP; train it too
+            block.adaLN_modulation.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
@@ -167,7 +201,7 @@ def save_checkpoint(run: Path, step: int, model: Latte, ema: Latte, opt, scaler,
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    info = {"classes": extra["classes"], "step": step}
+    info = {"classes": extra["classes"], "step": step, "cond_frames": cfg.cond_frames, "cond_noise": cfg.cond_noise}
     model.save(tmp / "model.safetensors", extra=info)
     ema.save(tmp / "ema.safetensors", extra=info)
     torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
@@ -182,11 +216,12 @@ def save_checkpoint(run: Path, step: int, model: Latte, ema: Latte, opt, scaler,
     return final
 
 
-def init_weights_from(model: Latte, path: str) -> str:
+def init_weights_from(model: Latte, path: str, spatial_only: bool = False) -> str:
     """Initialise from a DiT image checkpoint (Latte 3.3.4) or another Latte checkpoint: every tensor whose
     name and shape match is copied (DiT block i -> Latte block i; the per-frame position table is the DiT
     table, reused for every frame); a label table of another size (DiT's 1000 classes) is dropped and the
-    new one starts at zero."""
+    new one starts at zero. spatial_only (Video LDM): image block j -> the j-th spatial block, and the
+    temporal blocks keep their identity initialisation."""
     p = Path(path)
     if p.is_dir():
         p = next((p / n for n in ("ema.safetensors", "model.safetensors") if (p / n).exists()), p / "missing")
@@ -203,6 +238,16 @@ def init_weights_from(model: Latte, path: str) -> str:
         raise LatteError(f"--init-from {path} is not a readable checkpoint ({type(e).__name__})") from None
     own = model.state_dict()
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if torch.is_tensor(v)}
+    if spatial_only:
+        spatial = [i for i, kind in enumerate(model.plan) if kind == "spatial"]
+        renamed = {}
+        for k, v in sd.items():
+            parts = k.split(".")
+            if parts[0] != "blocks":
+                renamed[k] = v
+            elif int(parts[1]) < len(spatial):
+                renamed[".".join(["blocks", str(spatial[int(parts[1])]), *parts[2:]])] = v
+        sd = renamed
     copied = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     if "x_embedder.proj.weight" not in copied:
         raise LatteError(f"--init-from {path}: its patch embedding does not fit this model")
@@ -257,18 +302,25 @@ def train(cfg: TrainConfig) -> Path:
             cfg.model, variant=cfg.variant, patch_embed=cfg.patch_embed, tube_stride=cfg.tube_stride,
             conditioning=cfg.conditioning, temporal_pos=cfg.temporal_pos, learn_sigma=cfg.learn_sigma,
             input_size=data.size, in_channels=data.channels, num_frames=cfg.frames,
-            num_classes=len(data.classes), **overrides)
+            num_classes=len(data.classes), cond_frames=cfg.cond_frames > 0, **overrides)
     except ValueError as e:
         raise LatteError(f"model options: {e}") from None
     if data.size % mcfg.patch_size:
         raise LatteError(f"latents of {data.size}x{data.size} do not divide into patches of {mcfg.patch_size}")
     torch.manual_seed(cfg.seed)  # the initial weights
     model = Latte(mcfg).to(device)
+    if cfg.train_only not in ("all", "temporal"):
+        raise LatteError(f"--train-only must be all or temporal, not {cfg.train_only!r}")
+    if not 0 <= cfg.cond_frames < cfg.frames or not 0 < cfg.cond_noise <= 1000:
+        raise LatteError(f"--cond-frames must be in [0, {cfg.frames}) and --cond-noise in (0, 1000]")
     if cfg.init_from and not cfg.resume:
-        log.line(init_weights_from(model, cfg.init_from))
+        log.line(init_weights_from(model, cfg.init_from, spatial_only=cfg.train_only == "temporal"))
+    if cfg.train_only == "temporal":
+        log.line(f"training the temporal parts only: {freeze_all_but_temporal(model) / 1e6:.2f}M parameters")
     ema = Latte(mcfg).to(device).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())  # EMA starts as an exact copy
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     diffusion = Diffusion(schedule=cfg.schedule, learn_sigma=cfg.learn_sigma)
 
     # ---- resume
@@ -321,14 +373,22 @@ def train(cfg: TrainConfig) -> Path:
             x0, y = data.batch(micro, g, rows)
             t = torch.randint(diffusion.num_timesteps, (micro,), generator=g)[rows]
             noise = torch.randn((micro, *x0.shape[1:]), generator=g)[rows]
-            kwargs = {"num_images": cfg.image_frames}
+            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+            kwargs, fn, loss_frames = {"num_images": cfg.image_frames}, net, None
             if y is not None:  # label dropout: the null class trains the unconditional model for guidance
                 drop = torch.rand(micro, generator=g)[rows] < cfg.class_dropout
                 kwargs["y"] = torch.where(drop, mcfg.num_classes, y).to(device)
+            if cfg.cond_frames:  # given frames, lightly noised (LVDM's conditional latent perturbation)
+                mask = draw_masks(micro, cfg.frames, cfg.cond_frames, g)[rows]
+                mask = torch.cat([mask, mask.new_zeros(len(mask), cfg.image_frames)], dim=1).to(device)
+                t_given = torch.randint(cfg.cond_noise, (micro,), generator=g)[rows].to(device)
+                noise_given = torch.randn((micro, *x0.shape[1:]), generator=g)[rows].to(device)
+                given = diffusion.q_sample(x0, t_given, noise_given)
+                fn, kwargs["mask"], loss_frames = given_frames(net, given), mask, ~mask  # loss: generated frames
             sync = nullcontext() if not ddp or k == cfg.accum - 1 else net.no_sync()
             with sync:
                 with autocast:
-                    losses = diffusion.training_losses(net, x0.to(device), t.to(device), kwargs, noise.to(device))
+                    losses = diffusion.training_losses(fn, x0, t, kwargs, noise, frame_mask=loss_frames)
                 loss = losses["loss"].mean() / cfg.accum
                 scaler.scale(loss).backward()
             terms += torch.stack([losses[n].detach().float().mean() for n in ("loss", "mse", "vb")]) / cfg.accum
@@ -341,7 +401,7 @@ def train(cfg: TrainConfig) -> Path:
             raise LatteError(f"the loss became {terms[0].item()} at step {step}; stopped ({where})")
         scaler.unscale_(opt)
         clip = cfg.clip_grad if cfg.clip_grad > 0 and step >= cfg.clip_grad_from else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -184,6 +184,10 @@ def train(
     keep_last: int = typer.Option(3, help="Checkpoints to keep."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     init_from: Optional[Path] = typer.Option(None, help="DiT image checkpoint or Latte checkpoint to start from."),
+    cond_frames: int = typer.Option(0, help="Long videos: also learn to continue 1..k given frames and to fill "
+                                             "between key frames (0: off)."),
+    cond_noise: int = typer.Option(100, help="Given frames are noised to a random step below this (LVDM)."),
+    train_only: str = typer.Option("all", help="all, or temporal: freeze the rest (Video LDM's recipe)."),
 ):
     """Train a Latte model on encoded latents (AdamW, EMA, mixed precision; torchrun for several processes)."""
     import train as stage
@@ -214,13 +218,17 @@ def sample(
     precision: str = typer.Option("fp32", help="fp32, bf16, or fp16 (CUDA)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     batch: int = typer.Option(4, help="Videos denoised together."),
+    frames: Optional[int] = typer.Option(None, help="Frames per video; beyond the model's clip length the video "
+                                                    "is extended clip by clip (models trained with --cond-frames)."),
+    context: Optional[int] = typer.Option(None, help="Frames of each clip given to the next (default: as trained)."),
 ):
     """Sample videos from a Latte checkpoint: mp4 files and one PNG contact sheet."""
     import sample as stage
 
     paths = stage.sample(stage.SampleConfig(
         ckpt=str(ckpt), out=str(out), num=num, sampler=sampler, steps=steps, eta=eta, cfg_scale=cfg_scale,
-        classes=classes or [], seed=seed, vae=vae, fps=fps, precision=precision, device=device, batch=batch))
+        classes=classes or [], seed=seed, vae=vae, fps=fps, precision=precision, device=device, batch=batch,
+        frames=frames, context=context))
     Console(soft_wrap=True).print(f"wrote {len(paths) - 1} videos and {paths[-1]}", highlight=False)
 
 

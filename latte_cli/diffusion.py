@@ -242,3 +242,15 @@ def classifier_free_guidance(model, scale: float, uncond_kwargs: dict) -> Callab
         eps = uncond_out[:, :, :C] + scale * (cond_out[:, :, :C] - uncond_out[:, :, :C])
         return torch.cat([eps, cond_out[:, :, C:]], dim=2)
     return guided
+
+
+def given_frames(model, x_given: Tensor) -> Callable:
+    """Frame conditioning (Video LDM's masked prediction, LVDM's conditional frames): where mask (B, F) is 1
+    the model sees x_given (clean latents, lightly noised by the forward process) in place of x_t, and the
+    mask itself travels as an input channel. A zero mask leaves x_t alone, which is the unconditional model
+    that guidance contrasts with."""
+    def conditioned(x: Tensor, t: Tensor, mask: Tensor, **kwargs) -> Tensor:
+        keep = mask.bool()[:, :, None, None, None]
+        given = x_given.repeat(len(x) // len(x_given), 1, 1, 1, 1)  # inside guidance the batch is doubled
+        return model(torch.where(keep, given.to(x.dtype), x), t, mask=mask, **kwargs)
+    return conditioned
