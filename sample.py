@@ -32,6 +32,7 @@ class SampleConfig:
     sampler: str = "ddpm"                   # ddpm (ancestral, learned variance) or ddim
     steps: int | None = None                # denoising steps: 250 for ddpm, 50 for ddim
     eta: float = 0.0                        # DDIM noise (0: deterministic)
+    clip: bool | None = None                # clip predicted x_0 to [-1, 1]; default: in pixel space (--vae none)
     cfg_scale: float = 7.0                  # classifier-free guidance for class-conditional models (1: none)
     classes: list[str] = field(default_factory=list)  # ids or names, cycled over the videos; default all
     seed: int = 0
@@ -45,6 +46,9 @@ class SampleConfig:
     # long videos (models trained with --cond-frames)
     frames: int | None = None               # frames per video; more than the model's clip extends it clip by clip
     context: int | None = None              # frames of the previous clip given to the next (default: as trained)
+    hierarchical: bool = False              # key frames first, then the frames between them (LVDM, Video LDM)
+    key_every: int = 4                      # key frames are this many frames apart (2-4, as trained)
+    keyframes: str | None = None            # a model trained at key_every x the frame interval (default: this one)
 
 
 def checkpoint_info(path: Path) -> dict:
@@ -105,11 +109,21 @@ def sample(cfg: SampleConfig) -> list[Path]:
     labels = resolve_labels(cfg.classes, mc.num_classes, info.get("classes", []), cfg.num)
     F, total = mc.num_frames, cfg.frames or mc.num_frames
     context = cfg.context or info.get("cond_frames") or F // 4
-    if total > F and not mc.cond_frames:
+    if (total > F or cfg.hierarchical) and not mc.cond_frames:
         raise LatteError(f"this model makes {F}-frame clips; longer videos need a model trained with --cond-frames")
     if total > F and not 0 < context < F:
         raise LatteError(f"--context must be between 1 and {F - 1}, not {context}")
-    clips = 1 + max(0, -(-(total - F) // (F - context)))  # the first clip, then F - context new frames each
+    r = cfg.key_every
+    if cfg.hierarchical and not 2 <= r <= min(4, F - 1):
+        raise LatteError(f"--key-every must be 2, 3 or 4 (the key-frame spacings training draws), not {r}")
+    key_model = model
+    if cfg.hierarchical and cfg.keyframes:
+        key_model = Latte.from_pretrained(cfg.keyframes).to(device).eval()
+        if key_model.config.num_frames != F or key_model.config.in_channels != mc.in_channels:
+            raise LatteError(f"--keyframes {cfg.keyframes} makes clips of another shape than {cfg.ckpt}")
+    keys = (total - 1) // r + 1 + ((total - 1) % r > 0) if cfg.hierarchical else total  # key frames needed
+    windows = -(-(keys - 1) // ((F - 1) // r)) if cfg.hierarchical else 0  # interpolation windows
+    clips = 1 + max(0, -(-(keys - F) // (F - context))) + windows  # first clip, extensions, windows
     diffusion = Diffusion(learn_sigma=mc.learn_sigma, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     cond_noise = info.get("cond_noise", 100) // 2  # given frames at a fixed small noise level (LVDM)
     forward = Diffusion(learn_sigma=mc.learn_sigma)  # the 1000-step forward process that noises given frames
@@ -125,22 +139,33 @@ def sample(cfg: SampleConfig) -> list[Path]:
     videos, paths = [], []
     with Progress(*columns, console=console, disable=not cfg.progress) as bar:
         task = bar.add_task("sample", total=len(batches) * clips * diffusion.num_timesteps)
-        for ids in batches:
+
+        def latents(ids: list[int]) -> torch.Tensor:
+            """The latent videos of these video numbers, (len(ids), total, C, H, W)."""
             generators = [torch.Generator().manual_seed(cfg.seed + i) for i in ids]
             y = torch.tensor([labels[i] for i in ids], device=device) if labels is not None else None
-            args = (model, diffusion, (len(ids), *shape), generators, cfg, y)
-            step = lambda *_: bar.advance(task)
-            with autocast:
-                z = generate(*args, device=device, callback=step)
-                while z.shape[1] < total:  # extend: the last frames become the next clip's given frames
-                    clean = torch.cat([z[:, -context:], torch.zeros_like(z[:, : F - context])], dim=1)
-                    mask = (torch.arange(F, device=device) < context).expand(len(ids), F)
+
+            def clip(net, clean=None, mask=None):  # one clip, with given frames where mask is True
+                given = None
+                if clean is not None:  # LVDM: given frames enter at a fixed small noise level
                     t_given = torch.full((len(ids),), cond_noise, device=device)
-                    noised = forward.q_sample(clean, t_given, randn(clean.shape, generators, device))
-                    new = generate(*args, given=(clean, noised), mask=mask, device=device, callback=step)
+                    given = (clean, forward.q_sample(clean, t_given, randn(clean.shape, generators, device)))
+                return generate(net, diffusion, (len(ids), *shape), generators, cfg, y, given, mask, device,
+                                callback=lambda *_: bar.advance(task))
+
+            with autocast:
+                z = clip(key_model)
+                while z.shape[1] < keys:  # extend: the last frames become the next clip's given frames
+                    clean = torch.cat([z[:, -context:], torch.zeros_like(z[:, : F - context])], dim=1)
+                    new = clip(key_model, clean, prefix_mask(len(ids), F, context, device))
                     z = torch.cat([z, new[:, context:]], dim=1)
-            for i, latents in zip(ids, z[:, :total].float(), strict=True):
-                frames = vae.decode(latents, chunk=cfg.vae_chunk, precision=cfg.precision).clamp(-1, 1).cpu()
+                if cfg.hierarchical:
+                    z = fill_between(clip, model, z[:, :keys], r, F)
+            return z[:, :total].float()
+
+        for ids in batches:
+            for i, z in zip(ids, latents(ids), strict=True):
+                frames = vae.decode(z, chunk=cfg.vae_chunk, precision=cfg.precision).clamp(-1, 1).cpu()
                 path = out / f"sample_{i:03d}.mp4"
                 write_video(path, frames, fps=cfg.fps)
                 videos.append(frames)
@@ -148,6 +173,26 @@ def sample(cfg: SampleConfig) -> list[Path]:
     sheet = out / "contact_sheet.png"
     contact_sheet(sheet, videos, max_frames=total)
     return [*paths, sheet]
+
+
+def prefix_mask(batch: int, frames: int, given: int, device) -> torch.Tensor:
+    return (torch.arange(frames, device=device) < given).expand(batch, frames)
+
+
+def fill_between(clip, model, keys: torch.Tensor, r: int, F: int) -> torch.Tensor:
+    """Hierarchical generation (LVDM 3.3, Video LDM's T -> rT): key frames r apart become every r-th frame,
+    and windows of F frames, each starting at a key frame and given the keys inside it, fill the frames
+    between. Consecutive windows share one key frame; frames after a window's last key are left to the next."""
+    B, K = keys.shape[:2]
+    video = keys.new_zeros(B, (K - 1) * r + 1 + F, *keys.shape[2:])           # room for the last window
+    video[:, : (K - 1) * r + 1 : r] = keys
+    mask = (torch.arange(F, device=keys.device) % r == 0).expand(B, F)       # keys every r frames from 0
+    stride = r * ((F - 1) // r)                                               # to the window's last key
+    for start in range(0, (K - 1) * r, stride):
+        window = video[:, start : start + F]
+        inside = torch.arange(start, start + F, device=keys.device) <= (K - 1) * r  # no keys past the last
+        video[:, start : start + stride] = clip(model, window, mask & inside)[:, :stride]
+    return video[:, : (K - 1) * r + 1]
 
 
 def generate(model, diffusion: Diffusion, shape: tuple, generators: list, cfg: SampleConfig, y=None,
@@ -165,12 +210,14 @@ def generate(model, diffusion: Diffusion, shape: tuple, generators: list, cfg: S
         kwargs["mask"] = torch.zeros(shape[:2], device=device)
     if uncond and cfg.cfg_scale != 1.0:
         fn = classifier_free_guidance(fn, cfg.cfg_scale, uncond)
+    # pixels live in [-1, 1], so clipping each x_0 prediction is right there (DDPM); latents are unbounded
+    clip = cfg.clip if cfg.clip is not None else cfg.vae == "none"
     if cfg.sampler == "ddim":
         z = diffusion.ddim_sample_loop(fn, shape, model_kwargs=kwargs, generator=generators, device=device,
-                                       eta=cfg.eta, callback=callback)
+                                       eta=cfg.eta, clip_denoised=clip, callback=callback)
     else:
         z = diffusion.p_sample_loop(fn, shape, model_kwargs=kwargs, generator=generators, device=device,
-                                    callback=callback)
+                                    clip_denoised=clip, callback=callback)
     if given is not None:  # the given frames come back as they were given, without their light noise
         z = torch.where(mask[:, :, None, None, None], given[0], z)
     return z

@@ -210,6 +210,7 @@ def sample(
     sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) or ddim."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default 250 for ddpm, 50 for ddim)."),
     eta: float = typer.Option(0.0, help="DDIM noise: 0 deterministic, 1 like DDPM."),
+    clip: Optional[bool] = typer.Option(None, help="Clip predicted x_0 to [-1, 1] (default: with --vae none)."),
     cfg_scale: float = typer.Option(7.0, help="Classifier-free guidance scale (class-conditional models; 1 = off)."),
     classes: Optional[list[str]] = typer.Option(None, "--class", help="Class id or name; repeat it; cycled."),
     seed: int = typer.Option(0, help="Video i uses seed + i: the same seed gives the same videos."),
@@ -221,14 +222,20 @@ def sample(
     frames: Optional[int] = typer.Option(None, help="Frames per video; beyond the model's clip length the video "
                                                     "is extended clip by clip (models trained with --cond-frames)."),
     context: Optional[int] = typer.Option(None, help="Frames of each clip given to the next (default: as trained)."),
+    hierarchical: bool = typer.Option(False, "--hierarchical", help="Key frames first, then the frames between "
+                                      "them by interpolation (LVDM, Video LDM)."),
+    key_every: int = typer.Option(4, help="Frames between key frames with --hierarchical (2-4)."),
+    keyframes: Optional[Path] = typer.Option(None, help="Model for the key frames, trained at --key-every times the "
+                                             "frame interval (default: CKPT, which gives a higher frame rate)."),
 ):
     """Sample videos from a Latte checkpoint: mp4 files and one PNG contact sheet."""
     import sample as stage
 
     paths = stage.sample(stage.SampleConfig(
-        ckpt=str(ckpt), out=str(out), num=num, sampler=sampler, steps=steps, eta=eta, cfg_scale=cfg_scale,
+        ckpt=str(ckpt), out=str(out), num=num, sampler=sampler, steps=steps, eta=eta, clip=clip, cfg_scale=cfg_scale,
         classes=classes or [], seed=seed, vae=vae, fps=fps, precision=precision, device=device, batch=batch,
-        frames=frames, context=context))
+        frames=frames, context=context, hierarchical=hierarchical, key_every=key_every,
+        keyframes=str(keyframes) if keyframes else None))
     Console(soft_wrap=True).print(f"wrote {len(paths) - 1} videos and {paths[-1]}", highlight=False)
 
 

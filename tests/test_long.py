@@ -6,7 +6,7 @@ import torch
 
 from latte_cli.diffusion import Diffusion, given_frames
 from model import Latte, LatteConfig
-from sample import SampleConfig, generate
+from sample import SampleConfig, fill_between, generate
 from train import draw_masks, freeze_all_but_temporal, init_weights_from
 
 
@@ -105,3 +105,52 @@ def test_temporal_only_training_starts_as_the_image_model(tmp_path):
     assert trainable == sum(p.numel() for p in video.blocks[1::2].parameters())
     with pytest.raises(Exception, match="rope"):
         freeze_all_but_temporal(Latte(tiny()))
+
+
+def test_hierarchical_keeps_the_key_frames_and_fills_between():
+    model = randomize(Latte(tiny(cond_frames=True)), seed=5).eval()
+    keys, masks = torch.randn(2, 5, 3, 8, 8), []
+    cfg, gens = SampleConfig(ckpt="", sampler="ddim", cfg_scale=2.0), [torch.Generator().manual_seed(i) for i in (0, 1)]
+
+    def clip(net, clean, mask):
+        masks.append(mask[0].tolist())
+        return generate(net, Diffusion(respacing="ddim3"), (2, 6, 3, 8, 8), gens, cfg, torch.tensor([0, 1]),
+                        (clean, clean), mask)
+
+    with torch.no_grad():
+        video = fill_between(clip, model, keys, 2, 6)
+    assert video.shape == (2, 9, 3, 8, 8) and torch.equal(video[:, ::2], keys)
+    assert torch.isfinite(video).all() and not torch.allclose(video[:, 1], torch.zeros(2, 3, 8, 8))
+    # windows start at keys 0 and 4 and are given the keys inside them (none past the last key)
+    assert masks == [[True, False, True, False, True, False], [True, False, True, False, True, False]]
+
+
+def test_long_videos_through_the_cli(tmp_path):
+    import av
+    from typer.testing import CliRunner
+
+    from encode import encode
+    from latte_cli.cli import app
+    from latte_cli.video import synth
+
+    synth(tmp_path / "videos", videos=4, frames=10, size=16, classes=1)
+    encode(tmp_path / "videos", tmp_path / "latents", size=16)
+    runner = CliRunner()
+    common = ["--depth", "2", "--hidden-size", "32", "--num-heads", "4", "--frames", "6", "--frame-interval", "1",
+              "--batch", "2", "--steps", "2", "--device", "cpu"]
+    assert runner.invoke(app, ["train", str(tmp_path / "latents"), "--out", str(tmp_path / "plain"), *common]
+                         ).exit_code == 0
+    result = runner.invoke(app, ["train", str(tmp_path / "latents"), "--out", str(tmp_path / "long"), *common,
+                                 "--cond-frames", "2"])
+    assert result.exit_code == 0, result.output
+    for extra in ([], ["--hierarchical", "--key-every", "3"]):
+        out = tmp_path / f"samples{len(extra)}"
+        result = runner.invoke(app, ["sample", str(tmp_path / "long" / "checkpoints" / "step_00000002"), "--out",
+                                     str(out), "--frames", "23", "--num", "1", "--sampler", "ddim", "--steps", "2",
+                                     *extra])
+        assert result.exit_code == 0, result.output
+        with av.open(str(out / "sample_000.mp4")) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 23
+    result = runner.invoke(app, ["sample", str(tmp_path / "plain" / "checkpoints" / "step_00000002"), "--out",
+                                 str(tmp_path / "no"), "--frames", "23"])
+    assert result.exit_code == 1 and "--cond-frames" in result.output and not (tmp_path / "no").exists()
