@@ -119,9 +119,9 @@ class LatentClips:
             raise LatteError(f"cannot read {self.root / entry['file']} ({e}); encode again") from None
         return x[::step].float()
 
-    def batch(self, n: int, g: torch.Generator, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def batch(self, n: int, g: torch.Generator, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A global batch of n clips drawn with g (the same on every rank); returns only `rows` of it:
-        x (n_rows, frames + image_frames, C, H, W) and labels (n_rows,) or None."""
+        x (len(rows), frames + image_frames, C, H, W) and labels (len(rows),) or None."""
         vid = torch.randint(len(self.videos), (n,), generator=g)
         u = torch.rand(n, generator=g)
         mirror = torch.rand(n, generator=g) < 0.5
@@ -129,7 +129,7 @@ class LatentClips:
         img_u = torch.rand(n, self.image_frames, generator=g)
         img_mirror = torch.rand(n, self.image_frames, generator=g) < 0.5
         clips, labels = [], []
-        for i in range(n)[rows]:
+        for i in rows:
             e = self.videos[vid[i]]
             start = int(u[i] * (e["frames"] - self.span + 1))
             parts = [self._read(e, start, start + self.span, self.interval, self.flip and bool(mirror[i]))]
@@ -173,6 +173,24 @@ def freeze_all_but_temporal(model: Latte) -> int:
         if block.kind == "factorised":  # its modulation serves both attentions and the MLP; train it too
             block.adaLN_modulation.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def step_inputs(cfg: TrainConfig, data: LatentClips, timesteps: int, num_classes: int, step: int,
+                rows: list[int]) -> dict[str, torch.Tensor]:
+    """Everything random in one optimiser step (clips, flips, images, timesteps, noise, label dropout, given
+    frames), drawn for the whole global batch from a generator seeded by (seed, step); `rows` are kept."""
+    g, n = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), cfg.batch
+    x0, y = data.batch(n, g, rows)
+    out = {"x0": x0, "t": torch.randint(timesteps, (n,), generator=g)[rows],
+           "noise": torch.randn((n, *x0.shape[1:]), generator=g)[rows]}
+    if y is not None:  # label dropout: the null class trains the unconditional model for guidance
+        out["y"] = torch.where(torch.rand(n, generator=g)[rows] < cfg.class_dropout, num_classes, y)
+    if cfg.cond_frames:
+        mask = draw_masks(n, cfg.frames, cfg.cond_frames, g)[rows]
+        out["mask"] = torch.cat([mask, mask.new_zeros(len(rows), cfg.image_frames)], dim=1)
+        out["t_given"] = torch.randint(cfg.cond_noise, (n,), generator=g)[rows]
+        out["noise_given"] = torch.randn((n, *x0.shape[1:]), generator=g)[rows]
+    return out
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -284,8 +302,10 @@ def train(cfg: TrainConfig) -> Path:
         raise LatteError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
     if cfg.batch % (world * cfg.accum):
         raise LatteError(f"--batch {cfg.batch} does not split into {world} processes x {cfg.accum} accumulation steps")
-    micro = cfg.batch // cfg.accum                     # clips per accumulation step, over all ranks
-    rows = slice(rank * micro // world, (rank + 1) * micro // world)
+    per = cfg.batch // (cfg.accum * world)             # clips per rank and accumulation step
+    # this rank's rows of the global batch, accumulation step by step: a step's batch is the same however
+    # it is split into processes and accumulation steps
+    rows = [(k * world + rank) * per + j for k in range(cfg.accum) for j in range(per)]
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     autocast = torch.autocast(device_type, dtype=amp) if amp else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
@@ -368,27 +388,19 @@ def train(cfg: TrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         terms = torch.zeros(3, device=device)
+        inputs = step_inputs(cfg, data, diffusion.num_timesteps, mcfg.num_classes, step, rows)
         for k in range(cfg.accum):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + k)
-            x0, y = data.batch(micro, g, rows)
-            t = torch.randint(diffusion.num_timesteps, (micro,), generator=g)[rows]
-            noise = torch.randn((micro, *x0.shape[1:]), generator=g)[rows]
-            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+            b = {name: v[k * per : (k + 1) * per].to(device) for name, v in inputs.items()}
             kwargs, fn, loss_frames = {"num_images": cfg.image_frames}, net, None
-            if y is not None:  # label dropout: the null class trains the unconditional model for guidance
-                drop = torch.rand(micro, generator=g)[rows] < cfg.class_dropout
-                kwargs["y"] = torch.where(drop, mcfg.num_classes, y).to(device)
-            if cfg.cond_frames:  # given frames, lightly noised (LVDM's conditional latent perturbation)
-                mask = draw_masks(micro, cfg.frames, cfg.cond_frames, g)[rows]
-                mask = torch.cat([mask, mask.new_zeros(len(mask), cfg.image_frames)], dim=1).to(device)
-                t_given = torch.randint(cfg.cond_noise, (micro,), generator=g)[rows].to(device)
-                noise_given = torch.randn((micro, *x0.shape[1:]), generator=g)[rows].to(device)
-                given = diffusion.q_sample(x0, t_given, noise_given)
-                fn, kwargs["mask"], loss_frames = given_frames(net, given), mask, ~mask  # loss: generated frames
+            if "y" in b:
+                kwargs["y"] = b["y"]
+            if "mask" in b:  # given frames, lightly noised (LVDM's conditional latent perturbation)
+                given = diffusion.q_sample(b["x0"], b["t_given"], b["noise_given"])
+                fn, kwargs["mask"], loss_frames = given_frames(net, given), b["mask"], ~b["mask"]  # loss: the rest
             sync = nullcontext() if not ddp or k == cfg.accum - 1 else net.no_sync()
             with sync:
                 with autocast:
-                    losses = diffusion.training_losses(fn, x0, t, kwargs, noise, frame_mask=loss_frames)
+                    losses = diffusion.training_losses(fn, b["x0"], b["t"], kwargs, b["noise"], frame_mask=loss_frames)
                 loss = losses["loss"].mean() / cfg.accum
                 scaler.scale(loss).backward()
             terms += torch.stack([losses[n].detach().float().mean() for n in ("loss", "mse", "vb")]) / cfg.accum
