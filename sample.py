@@ -171,7 +171,7 @@ def sample(cfg: SampleConfig) -> list[Path]:
                 videos.append(frames)
                 paths.append(path)
     sheet = out / "contact_sheet.png"
-    contact_sheet(sheet, videos, max_frames=total)
+    contact_sheet(sheet, videos, max_frames=total, scale=max(1, 64 // max(videos[0].shape[2:])))  # cells >= 64 px
     return [*paths, sheet]
 
 

@@ -76,9 +76,10 @@ def write_video(path: str | Path, frames: Tensor, fps: int = 8, crf: int = 17) -
         container.mux(stream.encode())  # flush the frames the encoder still holds
 
 
-def contact_sheet(path: str | Path, videos: list[Tensor] | Tensor, max_frames: int = 16) -> None:
+def contact_sheet(path: str | Path, videos: list[Tensor] | Tensor, max_frames: int = 16, scale: int = 1) -> None:
     """One PNG with a row per video and a column per frame (the first max_frames frames). videos is a list
-    of (T, 3, H, W) tensors in [-1, 1] of one size, a (B, T, 3, H, W) tensor or a single video."""
+    of (T, 3, H, W) tensors in [-1, 1] of one size, a (B, T, 3, H, W) tensor or a single video; scale > 1
+    enlarges each pixel to a scale x scale block, so that small frames can be seen."""
     if isinstance(videos, Tensor):
         videos = list(videos) if videos.ndim == 5 else [videos]
     if not videos:
@@ -91,6 +92,7 @@ def contact_sheet(path: str | Path, videos: list[Tensor] | Tensor, max_frames: i
     for r, v in enumerate(videos):
         for c, frame in enumerate(_to_uint8(v[:cols])):
             sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = frame
+    sheet = sheet.repeat(scale, axis=0).repeat(scale, axis=1)
     codec = av.CodecContext.create("png", "w")
     codec.width, codec.height, codec.pix_fmt = sheet.shape[1], sheet.shape[0], "rgb24"
     packets = codec.encode(av.VideoFrame.from_ndarray(sheet, format="rgb24")) + codec.encode(None)
