@@ -97,6 +97,45 @@ def convert(
     Console().print(f"wrote {out} ({net.config.describe()})")
 
 
+@app.command()
+@friendly
+def bench(
+    model: str = typer.Option("Latte-S/2", help="Size preset: Latte-S/2, -B/2, -L/2, -XL/2 (also /4, /8)."),
+    frames: int = typer.Option(16, help="Frames per clip."),
+    size: int = typer.Option(32, help="Latent height and width."),
+    channels: int = typer.Option(4, help="Latent channels."),
+    batch: int = typer.Option(1, help="Clips per model call."),
+    variants: str = typer.Option("1,2,3,4", help="Variants to measure, comma-separated."),
+    precisions: str = typer.Option("fp32,bf16", help="fp32, bf16 (autocast), fp16 (CUDA), comma-separated."),
+    repeats: int = typer.Option(5, help="Timed runs of each measurement; the median is reported."),
+    warmup: int = typer.Option(2, help="Untimed runs before them."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    out: Path = typer.Option(Path("bench.json"), help="JSON file with every figure."),
+    sampling: bool = typer.Option(True, help="Time DDIM steps and one whole guided video (50 steps + VAE)."),
+    vae: bool = typer.Option(True, help="Time VAE encoding and decoding (SD-1.4 architecture)."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Also time forward+backward with "
+                                         "activation checkpointing."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model for the model timings."),
+    quick: bool = typer.Option(False, "--quick", help="A fast smoke run: small matmul, 2 repeats, tiny VAE."),
+    depth: Optional[int] = typer.Option(None, help="Override the preset's number of blocks."),
+    hidden_size: Optional[int] = typer.Option(None, help="Override the preset's width."),
+    num_heads: Optional[int] = typer.Option(None, help="Override the preset's attention heads."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+):
+    """Measure speed and memory: matmul peak, each variant's forward and forward+backward, sampling, VAE."""
+    from latte_cli.bench import bench as run_bench
+
+    try:
+        variant_list = tuple(int(v) for v in variants.split(","))
+    except ValueError:
+        raise LatteError(f"--variants takes numbers separated by commas, not {variants!r}") from None
+    run_bench(model=model, frames=frames, size=size, channels=channels, batch=batch, variants=variant_list,
+              precisions=tuple(p.strip() for p in precisions.split(",")), repeats=repeats, warmup=warmup,
+              device=device, out=out, sampling=sampling, vae=vae, grad_checkpoint=grad_checkpoint,
+              compile=compile, quick=quick, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+              threads=threads)
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -243,21 +282,22 @@ def sample(
 @friendly
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the data, the run and the samples."),
-    minutes: float = typer.Option(6.0, help="Training time budget in minutes."),
+    minutes: float = typer.Option(8.0, help="Training time budget in minutes."),
     model: str = typer.Option("Latte-S/4", help="Size preset (the demo narrows it with --depth/--hidden-size)."),
-    depth: int = typer.Option(8, help="Blocks (spatial and temporal, alternating)."),
+    depth: int = typer.Option(6, help="Blocks (spatial and temporal, alternating)."),
     hidden_size: int = typer.Option(128, help="Width."),
     num_heads: int = typer.Option(4, help="Attention heads."),
     videos: int = typer.Option(256, help="Synthetic training videos."),
     num: int = typer.Option(8, help="Videos to sample."),
-    sample_steps: int = typer.Option(50, help="DDIM steps."),
+    sample_steps: int = typer.Option(250, help="DDPM steps."),
+    long_frames: int = typer.Option(32, help="Frames of the two long videos made clip by clip (0: none)."),
     seed: int = typer.Option(0, help="Seed of the data, the training and the samples."),
 ):
     """The whole pipeline in one command, no downloads: synth -> encode -> train -> sample."""
     from latte_cli.demo import demo as run_demo
 
     run_demo(out, minutes=minutes, model=model, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-             videos=videos, num=num, sample_steps=sample_steps, seed=seed)
+             videos=videos, num=num, sample_steps=sample_steps, long_frames=long_frames, seed=seed)
 
 
 def main():

@@ -103,5 +103,7 @@ def test_demo_end_to_end_in_seconds(tmp_path):
     assert result.exit_code == 0, result.output
     assert "contact sheet" in result.output
     frames, _ = read_back(tmp_path / "samples" / "sample_001.mp4")
-    assert frames.shape == (16, 32, 32, 3)
+    assert frames.shape == (8, 16, 16, 3)
     assert (tmp_path / "samples" / "contact_sheet.png").is_file()
+    frames, _ = read_back(tmp_path / "long" / "sample_001.mp4")  # made clip by clip
+    assert frames.shape == (32, 16, 16, 3)
