@@ -109,7 +109,13 @@ class LatteConfig:
 # ------------------------------------------------------------------------------------------------ helpers
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    """adaLN (DiT): x (1 + scale) + shift, in one pass over x; shift None leaves x as it is (pre-LN block)."""
+    return x if shift is None else torch.addcmul(shift, x, 1 + scale)
+
+
+def gated(x, gate, branch):
+    """The residual x + gate * branch in one pass (adaLN-Zero); gate None: the plain x + branch."""
+    return x + branch if gate is None else torch.addcmul(x, gate, branch)
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -152,10 +158,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, D, (s, p, p), (s, p, p)) if self.tube else nn.Conv2d(in_channels, D, p, p)
 
     def forward(self, x, num_images: int = 0):
+        """Tokens come out contiguous in (B, F, N, D) order: the residual stream keeps the layout it starts
+        with, and every later layer reads it as rows of D."""
         B, F = x.shape[:2]
         if not self.tube:
             x = self.proj(x.flatten(0, 1))                                           # (B F) D h w
-            return rearrange(x, "(b f) d h w -> b f (h w) d", b=B)
+            return rearrange(x, "(b f) d h w -> b f (h w) d", b=B).contiguous()
         video, images = x[:, : F - num_images], x[:, F - num_images:]
         x = self.proj(video.transpose(1, 2))                                         # B D F/s h w
         x = rearrange(x, "b d f h w -> b f (h w) d")
@@ -163,7 +171,7 @@ class PatchEmbed(nn.Module):
             img = images.flatten(0, 1)[:, :, None].expand(-1, -1, self.stride, -1, -1)  # (B k) C s H W
             img = rearrange(self.proj(img), "(b k) d 1 h w -> b k (h w) d", b=B)
             x = torch.cat([x, img], dim=1)
-        return x                                                                     # B F N D
+        return x.contiguous()                                                        # B F N D
 
 
 class TimestepEmbedder(nn.Module):
@@ -196,9 +204,18 @@ class LabelEmbedder(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- attention
 
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh). torch's fused kernel, except when training on the CPU:
+    there its backward runs 2-6x slower than the explicit products, whose backward is plain matmuls."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return Fn.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over one axis of (B, F, N, D): "spatial" (the N tokens of a frame),
-    "temporal" (the F frames at a position) or "split" (variant 4: half the heads each way)."""
+    "temporal" (the F frames at a position) or "split" (variant 4: half the heads each way).
+    q, k and v stay strided views into the one qkv output: the fused attention kernel reads them in place."""
 
     def __init__(self, dim: int, heads: int, axis: str):
         super().__init__()
@@ -208,32 +225,54 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, num_images: int = 0):
         B, F, N, D = x.shape
-        q, k, v = rearrange(self.qkv(x), "b f n (three h d) -> three b h f n d", three=3, h=self.heads)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, D // self.heads))           # B F N 3 h Dh
         if self.axis == "spatial":
-            out = self.spatial(q, k, v)
-        elif self.axis == "temporal":
-            out = self.temporal(q, k, v, rope)
-        else:  # split heads: concatenating the halves before proj = proj_s(out_s) + proj_t(out_t), Fig. 2(d)
-            h = self.heads // 2
-            out_s = self.spatial(q[:, :h], k[:, :h], v[:, :h])
-            qt, kt, vt = q[:, h:], k[:, h:], v[:, h:]
-            Fv = F - num_images
-            out_t = self.temporal(qt[:, :, :Fv], kt[:, :, :Fv], vt[:, :, :Fv], rope)
-            if num_images:  # Latte 3.3.5: an image attends over frames to itself alone, which returns v
-                out_t = torch.cat([out_t, vt[:, :, Fv:]], dim=2)
-            out = torch.cat([out_s, out_t], dim=1)
-        return self.proj(rearrange(out, "b h f n d -> b f n (h d)"))
+            return self.proj(self.spatial(qkv).flatten(3))
+        if self.axis == "temporal":  # proj runs in the (B, N, F) order the kernel writes; the caller's add undoes it
+            return self.proj(self.temporal(qkv, rope).flatten(3)).transpose(1, 2)
+        # split heads: concatenating the halves before proj = proj_s(out_s) + proj_t(out_t), Fig. 2(d)
+        h, Fv = self.heads // 2, F - num_images
+        out_s = self.spatial(qkv[:, :, :, :, :h])                                    # B F N h/2 Dh
+        out_t = self.temporal(qkv[:, :Fv, :, :, h:], rope).transpose(1, 2)           # B Fv N h/2 Dh
+        if num_images:  # Latte 3.3.5: an image attends over frames to itself alone, which returns v
+            out_t = torch.cat([out_t, qkv[:, Fv:, :, 2, h:]], dim=1)
+        return self.proj(torch.cat([out_s, out_t], dim=3).flatten(3))
 
     @staticmethod
-    def spatial(q, k, v):                                                            # B h F N Dh
-        return Fn.scaled_dot_product_attention(q, k, v)
+    def spatial(qkv):                                                                # B F N 3 h Dh
+        B = qkv.shape[0]
+        q, k, v = (rearrange(t, "b f n h d -> (b f) h n d") for t in qkv.unbind(3))
+        out = attention(q, k, v)                                                     # (B F) h N Dh
+        return rearrange(out, "(b f) h n d -> b f n h d", b=B)
 
     @staticmethod
-    def temporal(q, k, v, rope):                                                     # B h F N Dh
-        q, k, v = (t.transpose(2, 3) for t in (q, k, v))                             # B h N F Dh: frames attend
+    def temporal(qkv, rope):                                                         # B F N 3 h Dh
+        B = qkv.shape[0]
+        q, k, v = (rearrange(t, "b f n h d -> (b n) h f d") for t in qkv.unbind(3))  # frames attend
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return Fn.scaled_dot_product_attention(q, k, v).transpose(2, 3)
+        out = attention(q, k, v)                                                     # (B N) h F Dh
+        return rearrange(out, "(b n) h f d -> b n f h d", b=B)                       # B N F h Dh
+
+
+def count_cpu_attention_flops():
+    """torch's FlopCounterMode counts the fused CUDA attention kernels but not the CPU one that attention()
+    reaches: give it the same count, q k^T and a v at 2 FLOPs per multiply-add (the backward recomputes a and
+    takes 3 more products), so that the counter checks Latte.flops on any device."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    ops = torch.ops.aten
+    if not hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        return
+    if ops._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+        register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)(
+            lambda q, k, v, *args, out_shape=None, **kwargs: 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1]))
+    if ops._scaled_dot_product_flash_attention_for_cpu_backward not in flop_registry:
+        register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)(
+            lambda g, q, k, v, *args, out_shape=None, **kwargs: 2 * math.prod(q[:-1]) * k[-2] * (3 * q[-1] + 2 * v[-1]))
+
+
+count_cpu_attention_flops()
 
 
 class Mlp(nn.Module):
@@ -276,16 +315,17 @@ class Block(nn.Module):
         if self.adaln:
             mods = self.adaLN_modulation(c)[:, None, None].chunk(9 if self.kind == "factorised" else 6, dim=-1)
         else:
-            mods = (0, 0, 1) * 3  # shift, scale, gate that leave a pre-LN block unmodulated
+            mods = (None,) * 9  # a pre-LN block: no modulation, no gates
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:6]
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, num_images)
+        x = gated(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, num_images))
         if self.kind == "factorised":
             shift_t, scale_t, gate_t = mods[6:]
             Fv = x.shape[1] - num_images
             video = x[:, :Fv]
-            video = video + gate_t * self.attn_temporal(modulate(self.norm_temporal(video), shift_t, scale_t), rope)
+            branch = self.attn_temporal(modulate(self.norm_temporal(video), shift_t, scale_t), rope)
+            video = gated(video, gate_t, branch)
             x = torch.cat([video, x[:, Fv:]], dim=1) if num_images else video
-        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return gated(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
 
 
 class FinalLayer(nn.Module):
