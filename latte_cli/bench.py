@@ -1,0 +1,360 @@
+"""`latte bench`: how fast Latte runs on this machine, measured against the machine's own matmul throughput.
+
+    latte bench                                   # Latte-S/2, 16x4x32x32 latents, batch 1, variants 1-4, fp32, bf16
+    latte bench --model Latte-XL/2 --variants 1 --precisions bf16 --no-sampling --no-vae --grad-checkpoint
+
+What it measures, each figure the median of `repeats` timed runs after `warmup` untimed ones:
+  peak      a large square torch.mm per precision: the limit the model is compared with;
+  model     forward and forward+backward of each variant: seconds per step, FLOP/s from Latte.flops (the matmuls
+            and attention products; forward+backward counts 3x the forward, recomputation not counted),
+            utilisation = FLOP/s / peak, and peak memory;
+  sampling  seconds per DDIM step without and with classifier-free guidance, and one whole video (50 DDIM steps,
+            guided, then VAE decoding) split into model calls, VAE decoder calls and the rest (guidance, the
+            sampler's arithmetic, VAE chunking);
+  vae       frames/s of encoding and decoding with the SD-1.4 autoencoder's architecture (random weights).
+bf16 is autocast over fp32 weights, as train.py and sample.py run it. Everything also goes to a JSON file.
+"""
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from latte_cli import LatteError
+from latte_cli.diffusion import Diffusion, classifier_free_guidance
+from latte_cli.vae import AutoencoderKL, VAEConfig
+from model import Latte, LatteConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VIDEO_STEPS, GUIDANCE, CLASSES = 50, 7.0, 101  # the sampled video: DDIM-50, sample.py's default scale, UCF-101
+TINY_VAE = VAEConfig(channels=(32, 32), layers=1, groups=8)  # --quick: the same code at a fraction of the cost
+
+
+def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: int = 4, batch: int = 1,
+          variants=(1, 2, 3, 4), precisions=("fp32", "bf16"), repeats: int = 5, warmup: int = 2,
+          device: str = "auto", out: str | Path = "bench.json", sampling: bool = True, vae: bool = True,
+          grad_checkpoint: bool = False, compile: bool = False, quick: bool = False,
+          depth: int | None = None, hidden_size: int | None = None, num_heads: int | None = None,
+          threads: int | None = None) -> dict:
+    """Measure, print the tables, write `out` (JSON) and return what it holds. quick: a smoke run (a small
+    matmul, at most 2 repeats and 1 warm-up, a 2-step video, a tiny VAE). threads: torch's CPU threads."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LatteError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LatteError(f"device {device} asked for, but CUDA is not available")
+    for p in precisions:
+        if p not in DTYPES or (p == "fp16" and dev.type != "cuda"):
+            raise LatteError(f"precision {p!r} is not available on {dev.type} (fp32, bf16; fp16 on CUDA)")
+    if not variants or any(v not in (1, 2, 3, 4) for v in variants):
+        raise LatteError(f"variants must be among 1, 2, 3, 4, not {tuple(variants)}")
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise LatteError("repeats and batch must be at least 1 and warmup at least 0")
+    if not Path(out).parent.is_dir():
+        raise LatteError(f"the folder of --out {out} does not exist")
+    if threads:  # for the whole process, as torch's setting is
+        torch.set_num_threads(threads)
+    if dev.type == "cuda":  # as train.py: TF32 matmuls count as fp32 there, in the peak too
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if quick:
+        repeats, warmup = min(repeats, 2), min(warmup, 1)
+    overrides = {k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items() if v}
+    configs = {v: preset(model, v, frames, size, channels, **overrides) for v in variants}  # bad options fail now
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+    clock = Clock(dev)
+    run = lambda fn: measure(fn, repeats, warmup, clock)
+
+    result = {
+        "machine": machine(dev),
+        "settings": dict(model=model, frames=frames, size=size, channels=channels, batch=batch,
+                         variants=list(variants), precisions=list(precisions), repeats=repeats, warmup=warmup,
+                         grad_checkpoint=grad_checkpoint, compile=compile, quick=quick, overrides=overrides),
+        "peak": {}, "model": [], "sampling": {}, "vae": {},
+    }
+    n = 512 if quick else 8192 if dev.type == "cuda" else 4096
+    for p in precisions:
+        console.print(f"matmul peak, {p}, {n}x{n}")
+        result["peak"][p] = matmul_peak(n, DTYPES[p], dev, run)
+    x = torch.randn(batch, frames, channels, size, size, device=dev)
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    for variant in variants:
+        net = Latte(configs[variant]).to(dev)
+        call = torch.compile(net) if compile else net
+        for p in precisions:
+            for checkpointed, train in ((False, False), (False, True)) + ((True, True),) * grad_checkpoint:
+                row = {"variant": variant, "precision": p, "pass": "forward+backward" if train else "forward"}
+                row["pass"] += " (checkpointed)" if checkpointed else ""
+                console.print(f"variant {variant}, {p}, {row['pass']}")
+                net.gradient_checkpointing = checkpointed
+                row.update(model_row(call, net, x, t, p, dev, train, run))
+                row["utilisation"] = row["flop_per_s"] / result["peak"][p]["flop_per_s"]
+                result["model"].append(row)
+        del net, call
+
+    if sampling or vae:
+        autoencoder = AutoencoderKL(TINY_VAE if quick else VAEConfig()).to(dev).eval()
+        vae_name = "tiny" if quick else "SD-1.4"
+    if sampling:
+        net = Latte(replace(configs[variants[0]], num_classes=CLASSES)).to(dev)
+        for p in precisions:
+            console.print(f"sampling, {p}")
+            result["sampling"][p] = sample_times(net.eval(), autoencoder, (1, frames, channels, size, size), p,
+                                                 dev, clock, repeats, warmup, steps=2 if quick else VIDEO_STEPS)
+            result["sampling"][p]["video"]["vae"] = vae_name
+        del net
+    if vae:
+        for p in precisions:
+            console.print(f"vae, {p}")
+            result["vae"][p] = {"vae": vae_name, **vae_rates(autoencoder, 1 if quick else 2, size, p, dev, run)}
+
+    result["machine"]["load_average_after"] = load_average()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    print_tables(result)
+    Console(highlight=False).print(f"wrote {out}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def preset(model: str, variant: int, frames: int, size: int, channels: int, **kw) -> LatteConfig:
+    try:
+        return LatteConfig.preset(model, variant=variant, input_size=size, num_frames=frames,
+                                  in_channels=channels, **kw)
+    except ValueError as e:
+        raise LatteError(f"model options: {e}") from None
+
+
+class Clock:
+    """Wall-clock seconds of device work: CUDA is synchronised before each reading."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def measure(fn: Callable, repeats: int, warmup: int, clock: Clock) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return times
+
+
+def autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else nullcontext()
+
+
+def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, run: Callable) -> dict:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = statistics.median(run(lambda: torch.mm(a, b)))
+    return {"n": n, "flops": 2 * n**3, "seconds": seconds, "flop_per_s": 2 * n**3 / seconds}
+
+
+def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool,
+              run: Callable) -> dict:
+    """One forward (no autograd), or one forward and backward of a scalar loss as a training step runs it:
+    seconds, FLOP/s and peak memory."""
+    def forward():
+        with torch.no_grad(), autocast(precision, device):
+            call(x, t)
+
+    def forward_backward():
+        with autocast(precision, device):
+            out = call(x, t)
+        out.float().square().mean().backward()
+        net.zero_grad(set_to_none=True)
+
+    net.train(train)
+    reset_peak_memory(device)
+    times = run(forward_backward if train else forward)
+    flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
+    seconds = statistics.median(times)
+    return {"depth": net.config.depth, "params": sum(p.numel() for p in net.parameters()), "flops": flops,
+            "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds,
+            "peak_memory": peak_memory(device)}
+
+
+def vae_rates(autoencoder: AutoencoderKL, frames: int, size: int, precision: str, device: torch.device,
+              run: Callable) -> dict:
+    """Frames/s of encoding and decoding a batch of frames (latent size x size)."""
+    px = size * autoencoder.downsample
+    pixels = torch.rand(frames, 3, px, px, device=device) * 2 - 1
+    latents = autoencoder.encode(pixels, precision=precision)
+    enc = statistics.median(run(lambda: autoencoder.encode(pixels, precision=precision)))
+    dec = statistics.median(run(lambda: autoencoder.decode(latents, precision=precision)))
+    return {"frames": frames, "pixels": px, "encode_seconds": enc, "decode_seconds": dec,
+            "encode_frames_per_s": frames / enc, "decode_frames_per_s": frames / dec}
+
+
+class CallTimer:
+    """Seconds spent inside a module's forward calls, summed; as a context manager it removes its hooks."""
+
+    def __init__(self, module: torch.nn.Module, clock: Clock):
+        self.clock, self.seconds, self._start = clock, 0.0, 0.0
+        self.hooks = [module.register_forward_pre_hook(self.start), module.register_forward_hook(self.stop)]
+
+    def start(self, *_):
+        self._start = self.clock()
+
+    def stop(self, *_):
+        self.seconds += self.clock() - self._start
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def sample_times(net: Latte, autoencoder: AutoencoderKL, shape: tuple, precision: str, device: torch.device,
+                 clock: Clock, repeats: int, warmup: int, steps: int) -> dict:
+    """DDIM steps timed one by one (the median after the warm-up steps), without and with guidance, each with the
+    time inside the model; then one guided video of `steps` steps decoded by the VAE, with the time inside the
+    model and the VAE decoder: the rest is guidance, the sampler's arithmetic and VAE chunking."""
+    y = torch.zeros(shape[0], dtype=torch.long, device=device)
+    guided = classifier_free_guidance(net, GUIDANCE, {"y": torch.full_like(y, net.config.num_classes)})
+    with CallTimer(net, clock) as model_timer, CallTimer(autoencoder.decoder, clock) as decoder_timer:
+        def sample(fn, n: int, keep: int) -> tuple[torch.Tensor, list[float], list[float]]:
+            """n DDIM steps: the latents and the last `keep` steps' seconds, in all and inside the model."""
+            marks, inside = [clock()], [model_timer.seconds]
+
+            def tick(*_):
+                marks.append(clock())
+                inside.append(model_timer.seconds)
+
+            diffusion = Diffusion(learn_sigma=net.config.learn_sigma, respacing=f"ddim{n}")
+            with autocast(precision, device):
+                z = diffusion.ddim_sample_loop(fn, shape, model_kwargs={"y": y}, device=device, callback=tick,
+                                               generator=torch.Generator().manual_seed(0))
+            per_step = lambda v: [b - a for a, b in zip(v[:-1], v[1:], strict=True)][-keep:]
+            return z, per_step(marks), per_step(inside)
+
+        out = {}
+        for name, fn in (("step", net), ("guided_step", guided)):
+            _, total, inside = sample(fn, max(warmup + repeats, 2), repeats)
+            out[f"{name}_seconds"], out[f"{name}_model_seconds"] = statistics.median(total), statistics.median(inside)
+        model_timer.seconds = 0.0
+        start = clock()
+        z = sample(guided, steps, steps)[0]
+        sampled = clock()
+        autoencoder.decode(z[0].float(), chunk=8, precision=precision)
+        end = clock()
+    other = (end - start) - model_timer.seconds - decoder_timer.seconds
+    out["video"] = {"steps": steps, "frames": shape[1], "guided": True, "seconds": end - start,
+                    "sample_seconds": sampled - start, "decode_seconds": end - sampled,
+                    "model_seconds": model_timer.seconds, "vae_decoder_seconds": decoder_timer.seconds,
+                    "other_seconds": other, "other_fraction": other / (end - start)}
+    return out
+
+
+def reset_peak_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # glibc keeps freed memory mapped: give it back first, so that the next peak is the next step's own
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes: the CUDA allocator's peak since the reset, or on the CPU the process's peak resident set (weights,
+    gradients, activations and the interpreter; None where Linux's /proc is not there)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found[1]) * 1024 if found else None
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
+        name = found[1].strip() if found else platform.processor() or platform.machine()
+    return {"device": device.type, "name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_average_before": load_average()}
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+def print_tables(r: dict):
+    console = Console(highlight=False)
+    m, s = r["machine"], r["settings"]
+    console.print(f"{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}; {s['model']}, "
+                  f"batch {s['batch']}, {s['frames']}x{s['channels']}x{s['size']}x{s['size']} latents; "
+                  f"median of {s['repeats']} after {s['warmup']} warm-up")
+    table = Table(title="matmul peak")
+    for col in ("dtype", "n", "TFLOP/s"):
+        table.add_column(col, justify="right")
+    for p, v in r["peak"].items():
+        table.add_row(p, str(v["n"]), f"{v['flop_per_s'] / 1e12:.3f}")
+    console.print(table)
+    table = Table(title="model")
+    for col in ("variant", "dtype", "pass", "s/step", "TFLOP/s", "of peak", "memory"):
+        table.add_column(col, justify="left" if col == "pass" else "right", no_wrap=True)
+    short = {"forward": "fwd", "forward+backward": "fwd+bwd", "forward+backward (checkpointed)": "fwd+bwd ckpt"}
+    for v in r["model"]:
+        mem = f"{v['peak_memory'] / 2**30:.2f} GiB" if v["peak_memory"] else "-"
+        table.add_row(str(v["variant"]), v["precision"], short[v["pass"]], f"{v['seconds']:.4f}",
+                      f"{v['flop_per_s'] / 1e12:.3f}", f"{v['utilisation']:.0%}", mem)
+    console.print(table)
+    if r["sampling"]:
+        table = Table(title="sampling: s per DDIM step; a guided video and its time shares (first variant, batch 1)")
+        for col in ("dtype", "s/step", "guided", "video steps", "video s", "model", "VAE", "other"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for p, v in r["sampling"].items():
+            vid = v["video"]
+            parts = ("model_seconds", "vae_decoder_seconds", "other_seconds")
+            shares = [f"{vid[k] / vid['seconds']:.1%}" for k in parts]
+            table.add_row(p, f"{v['step_seconds']:.4f}", f"{v['guided_step_seconds']:.4f}", str(vid["steps"]),
+                          f"{vid['seconds']:.2f}", *shares)
+        console.print(table)
+    if r["vae"]:
+        table = Table(title="VAE")
+        for col in ("dtype", "frame size", "encode frames/s", "decode frames/s"):
+            table.add_column(col, justify="right")
+        for p, v in r["vae"].items():
+            table.add_row(p, f"{v['pixels']}x{v['pixels']}", f"{v['encode_frames_per_s']:.3f}",
+                          f"{v['decode_frames_per_s']:.3f}")
+        console.print(table)

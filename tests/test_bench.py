@@ -1,0 +1,148 @@
+"""`latte bench` end to end on a tiny model (the JSON read back and checked for completeness and consistency,
+never for speed), and the model's fast paths against the plain formulas they replace."""
+
+import json
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from latte_cli.cli import app
+from model import Latte, LatteConfig, attention
+
+TINY = ["--depth", "2", "--hidden-size", "64", "--num-heads", "4", "--frames", "4", "--size", "8", "--threads", "1"]
+
+
+@pytest.fixture
+def threads():
+    """bench sets torch's thread count for the process: give the other tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def rel_close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def test_bench_writes_a_complete_consistent_json(tmp_path, threads):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--grad-checkpoint", "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "of peak" in result.output and "wrote" in result.output
+    r = json.loads(out.read_text())
+    assert r["machine"]["threads"] == 1 and r["machine"]["device"] == "cpu"
+    s = r["settings"]
+    assert s["repeats"] == 2 and s["warmup"] == 1 and s["overrides"] == {"depth": 2, "hidden_size": 64, "num_heads": 4}
+
+    assert set(r["peak"]) == {"fp32", "bf16"}
+    for peak in r["peak"].values():
+        assert peak["flops"] == 2 * peak["n"] ** 3 and rel_close(peak["flop_per_s"], peak["flops"] / peak["seconds"])
+
+    passes = {"forward": 1, "forward+backward": 3, "forward+backward (checkpointed)": 3}
+    rows = {(v["variant"], v["precision"], v["pass"]): v for v in r["model"]}
+    assert set(rows) == {(v, p, name) for v in (1, 2, 3, 4) for p in ("fp32", "bf16") for name in passes}
+    for (variant, precision, name), row in rows.items():
+        cfg = LatteConfig.preset("Latte-S/2", variant=variant, input_size=8, num_frames=4, in_channels=4,
+                                 depth=2, hidden_size=64, num_heads=4)
+        with torch.device("meta"):
+            net = Latte(cfg)
+        assert row["flops"] == passes[name] * net.flops(4) and row["depth"] == 2
+        assert row["params"] == sum(p.numel() for p in net.parameters())
+        assert len(row["all_seconds"]) == 2 and row["seconds"] == statistics.median(row["all_seconds"])
+        assert rel_close(row["flop_per_s"], row["flops"] / row["seconds"])
+        assert rel_close(row["utilisation"], row["flop_per_s"] / r["peak"][precision]["flop_per_s"])
+        assert row["peak_memory"] is None or row["peak_memory"] > 2**20
+
+    for precision in ("fp32", "bf16"):
+        sampling = r["sampling"][precision]
+        for key in ("step", "guided_step"):
+            assert 0 < sampling[f"{key}_model_seconds"] <= sampling[f"{key}_seconds"]
+        video = sampling["video"]
+        assert video["steps"] == 2 and video["frames"] == 4 and video["vae"] == "tiny"
+        assert rel_close(video["seconds"], video["sample_seconds"] + video["decode_seconds"])
+        parts = video["model_seconds"] + video["vae_decoder_seconds"] + video["other_seconds"]
+        assert rel_close(video["seconds"], parts)
+        assert 0 < video["model_seconds"] < video["sample_seconds"] and 0 < video["vae_decoder_seconds"]
+        assert rel_close(video["other_fraction"], video["other_seconds"] / video["seconds"])
+        vae = r["vae"][precision]
+        assert vae["pixels"] == 8 * 2  # the tiny VAE halves once
+        assert rel_close(vae["encode_frames_per_s"], vae["frames"] / vae["encode_seconds"])
+        assert rel_close(vae["decode_frames_per_s"], vae["frames"] / vae["decode_seconds"])
+
+
+def test_bench_options_select_what_is_measured(tmp_path, threads):
+    out = tmp_path / "b.json"
+    args = ["bench", "--quick", "--variants", "4", "--precisions", "fp32", "--no-sampling", "--no-vae", "--batch", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert [(v["variant"], v["precision"], v["pass"]) for v in r["model"]] == [(4, "fp32", "forward"),
+                                                                               (4, "fp32", "forward+backward")]
+    assert list(r["peak"]) == ["fp32"] and r["sampling"] == {} and r["vae"] == {}
+    with torch.device("meta"):
+        net = Latte(LatteConfig.preset("Latte-S/2", variant=4, input_size=8, num_frames=4, depth=2, hidden_size=64,
+                                       num_heads=4))
+    assert r["model"][0]["flops"] == net.flops(4, batch=2) == 2 * net.flops(4)
+
+
+@pytest.mark.parametrize("args,message", [(["--precisions", "fp64"], "precision"), (["--variants", "5"], "variants"),
+                                          (["--variants", "one"], "variants"), (["--hidden-size", "65"], "divisible")])
+def test_bench_bad_options_are_one_line_errors(tmp_path, args, message, threads):
+    result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "x.json"), *TINY, *args])
+    assert result.exit_code == 1 and message in result.output
+    assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- fast paths
+
+def test_training_attention_matches_the_fused_kernel():
+    """attention() writes the products out when training on the CPU: same values and gradients as torch's
+    reference (math) kernel, for q, k, v strided as the model passes them."""
+    torch.manual_seed(0)
+    qkv = torch.randn(6, 10, 3, 4, 8, dtype=torch.float64)  # B L 3 h Dh, as the qkv projection lays it out
+    g = torch.randn(6, 4, 10, 8, dtype=torch.float64)
+    grads = []
+    for explicit in (True, False):
+        leaf = qkv.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in leaf.unbind(2))  # B h L Dh, strided
+        with sdpa_kernel(SDPBackend.MATH):
+            out = attention(q, k, v) if explicit else F.scaled_dot_product_attention(q, k, v)
+        out.backward(g)
+        grads.append((out.detach(), leaf.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", [1, 3, 4])
+def test_training_and_inference_paths_agree(variant):
+    """With autograd on the CPU the model takes the explicit attention; without, the fused kernel."""
+    cfg = LatteConfig(input_size=8, in_channels=3, num_frames=4, hidden_size=32, depth=2, num_heads=4,
+                      variant=variant, num_classes=3, temporal_pos="rope")
+    torch.manual_seed(0)
+    model = Latte(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    x, t, y = torch.randn(2, 5, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 900]), torch.tensor([0, 2])
+    trained = model(x, t, y, num_images=1)
+    with torch.no_grad():
+        inferred = model(x, t, y, num_images=1)
+    assert trained.requires_grad and torch.allclose(trained, inferred, atol=1e-10)
+
+
+def test_flop_counter_sees_the_fused_cpu_kernel():
+    """model.py teaches torch's FlopCounterMode the CPU attention kernel: the same count as the math path,
+    whose products torch counts itself."""
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    counts = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(backend), torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 2 * (2 * 3 * 16 * 16 * 8)
