@@ -490,9 +490,12 @@ class Latte(nn.Module):
 
     # ------------------------------------------------------------------------------------------ accounting
 
-    def flops(self, frames: int | None = None, batch: int = 1, num_images: int = 0) -> int:
+    def flops(self, frames: int | None = None, batch: int = 1, num_images: int = 0,
+              per_token_adaln: bool = False) -> int:
         """Forward FLOPs (2 per multiply-add) of every matmul, convolution and attention product; norms,
-        activations and additions are left out (under 1% at every preset)."""
+        activations and additions are left out (under 1% at every preset). The adaLN linear layers run once
+        per clip here; per_token_adaln counts them once per token, as the published code evaluates them (it
+        repeats the condition for every token), which is how the paper's Table 3 counts."""
         cfg = self.config
         frames = frames or cfg.num_frames
         s = cfg.tube_stride if cfg.patch_embed == "tube" else 1
@@ -517,8 +520,10 @@ class Latte(nn.Module):
             if kind == "split":
                 total += attn(F, N, D // 2) + attn(N, Fv, D // 2)
             if cfg.conditioning == "adaln":
-                total += linear(1, D, (9 if kind == "factorised" else 6) * D)
-        total += linear(T, D, p * p * cfg.out_channels) + (linear(1, D, 2 * D) if cfg.conditioning == "adaln" else 0)
+                total += linear(T if per_token_adaln else 1, D, (9 if kind == "factorised" else 6) * D)
+        if cfg.conditioning == "adaln":
+            total += linear(T if per_token_adaln else 1, D, 2 * D)
+        total += linear(T, D, p * p * cfg.out_channels)
         if cfg.patch_embed == "tube":
             total += linear(frames * (cfg.input_size) ** 2, cfg.out_channels, cfg.out_channels)
         return batch * total

@@ -61,7 +61,7 @@ def info(
     from model import Latte, LatteConfig
 
     table = Table(title=f"{model}, {frames}x{channels}x{size}x{size} latents, batch 1")
-    for col in ("variant", "blocks", "params", "forward GFLOPs"):
+    for col in ("variant", "blocks", "params", "forward GFLOPs", "GFLOPs, adaLN per token (paper)"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     names = {1: "1 interleaved", 2: "2 late fusion", 3: "3 factorised attention", 4: "4 factorised heads"}
     for variant in (1, 2, 3, 4):
@@ -72,7 +72,9 @@ def info(
             net = Latte(cfg)
         params = sum(p.numel() for p in net.parameters() if p.requires_grad)
         flops = net.flops(frames)
-        table.add_row(names[variant], str(cfg.depth), f"{params / 1e6:.2f}M", f"{flops / 1e9:.2f}")
+        paper = net.flops(frames, per_token_adaln=True)
+        table.add_row(names[variant], str(cfg.depth), f"{params / 1e6:.2f}M", f"{flops / 1e9:.2f}",
+                      f"{paper / 1e9:.2f}")
     Console().print(table)
 
 

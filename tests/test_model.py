@@ -280,3 +280,12 @@ def test_info_lists_every_variant():
     for name in ("interleaved", "late fusion", "factorised attention", "factorised heads"):
         assert name in result.output
     assert "32.48M" in result.output
+
+
+def test_counting_adaln_per_token_reproduces_table3_for_variant_1():
+    """The published code repeats the condition for every token; counted that way, Latte-XL/2 variant 1 at
+    16x4x32x32 costs what Table 3 says (5572.69 GFLOPs)."""
+    with torch.device("meta"):
+        model = Latte(LatteConfig.preset("Latte-XL/2", variant=1))
+    assert abs(model.flops(16, per_token_adaln=True) - 5572.69e9) / 5572.69e9 < 1e-3
+    assert model.flops(16) < 0.7 * model.flops(16, per_token_adaln=True)
