@@ -55,13 +55,14 @@ def info(
     conditioning: str = typer.Option("adaln", help="adaln (S-AdaLN) or tokens (timestep and class as tokens)."),
     temporal_pos: str = typer.Option("sincos", help="sincos (absolute) or rope (relative, in temporal attention)."),
 ):
-    """Print trainable parameters and forward FLOPs of each Latte variant at one size."""
+    """Print trainable parameters and forward GFLOPs of each Latte variant at one size ("paper's count":
+    adaLN evaluated per token, as the published code does and Table 3 counts)."""
     from rich.table import Table
 
     from model import Latte, LatteConfig
 
     table = Table(title=f"{model}, {frames}x{channels}x{size}x{size} latents, batch 1")
-    for col in ("variant", "blocks", "params", "forward GFLOPs", "GFLOPs, adaLN per token (paper)"):
+    for col in ("variant", "blocks", "params", "forward GFLOPs", "paper's count"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     names = {1: "1 interleaved", 2: "2 late fusion", 3: "3 factorised attention", 4: "4 factorised heads"}
     for variant in (1, 2, 3, 4):

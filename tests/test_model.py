@@ -277,7 +277,7 @@ def test_info_lists_every_variant():
 
     result = CliRunner().invoke(app, ["info", "--model", "Latte-S/2"])
     assert result.exit_code == 0, result.output
-    for name in ("interleaved", "late fusion", "factorised attention", "factorised heads"):
+    for name in ("1 interleaved", "2 late fusion", "3 factorised", "4 factorised heads"):
         assert name in result.output
     assert "32.48M" in result.output
 
