@@ -74,6 +74,11 @@ class LatteConfig:
             raise ValueError(f"num_frames {self.num_frames} is not a multiple of tube_stride {self.tube_stride}")
 
     @property
+    def frame_stride(self) -> int:
+        """Frames per token frame: the tube's temporal stride, 1 for uniform patches."""
+        return self.tube_stride if self.patch_embed == "tube" else 1
+
+    @property
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
@@ -153,7 +158,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: LatteConfig, in_channels: int):
         super().__init__()
         self.tube = cfg.patch_embed == "tube"
-        self.stride = cfg.tube_stride if self.tube else 1
+        self.stride = cfg.frame_stride
         p, s, D = cfg.patch_size, self.stride, cfg.hidden_size
         self.proj = nn.Conv3d(in_channels, D, (s, p, p), (s, p, p)) if self.tube else nn.Conv2d(in_channels, D, p, p)
 
@@ -372,7 +377,7 @@ class Latte(nn.Module):
         # other shapes get tables made on the fly.
         n = cfg.input_size // cfg.patch_size
         self.register_buffer("pos_embed", sincos_2d(D, n, n).float()[None])                   # 1 N D
-        frames = cfg.num_frames // (cfg.tube_stride if cfg.patch_embed == "tube" else 1)
+        frames = cfg.num_frames // cfg.frame_stride
         self.register_buffer("temp_embed", sincos_1d(D, torch.arange(frames)).float()[None])  # 1 F D
         self.plan = block_plan(cfg.variant, cfg.depth)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in self.plan)
@@ -428,7 +433,7 @@ class Latte(nn.Module):
             raise ValueError(f"the model takes {cfg.in_channels} latent channels, the input has {C}")
         if not 0 <= num_images < F:
             raise ValueError(f"num_images must be in [0, {F}), not {num_images}")
-        s = cfg.tube_stride if cfg.patch_embed == "tube" else 1
+        s = cfg.frame_stride
         if (F - num_images) % s:
             raise ValueError(f"{F - num_images} video frames do not divide into tubes of {s}")
         p = cfg.patch_size
@@ -498,7 +503,7 @@ class Latte(nn.Module):
         repeats the condition for every token), which is how the paper's Table 3 counts."""
         cfg = self.config
         frames = frames or cfg.num_frames
-        s = cfg.tube_stride if cfg.patch_embed == "tube" else 1
+        s = cfg.frame_stride
         D, p, Cin = cfg.hidden_size, cfg.patch_size, cfg.in_channels + int(cfg.cond_frames)
         N = (cfg.input_size // p) ** 2 + (2 if cfg.num_classes else 1) * (cfg.conditioning == "tokens")
         Fv = (frames - num_images) // s
@@ -546,46 +551,12 @@ class Latte(nn.Module):
         """Load one of our checkpoints (a .safetensors file, or a training run's step folder: EMA weights) or a
         published Latte .pt (a torch.save dict with the state dict under "ema" or "model"); the configuration
         comes from our metadata, or is inferred from the published tensors."""
-        from latte_cli import LatteError
-
-        path = Path(path)
-        if path.is_dir():
-            found = [path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).exists()]
-            if not found:
-                raise LatteError(f"{path} holds no ema.safetensors or model.safetensors")
-            path = found[0]
-        if not path.exists():
-            raise LatteError(f"checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            try:
-                with safe_open(str(path), "pt") as f:
-                    meta = f.metadata() or {}
-                sd = load_file(str(path), device=str(map_location))
-            except Exception as e:
-                raise LatteError(f"{path} is not a readable safetensors file ({e})") from None
-            if "latte_config" not in meta:
-                cfg = infer_config(sd, num_heads)
-            else:
-                cfg = LatteConfig.from_json(meta["latte_config"])
-        else:
-            try:
-                ckpt = torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:
-                raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__})") from None
-            sd = ckpt
-            if isinstance(ckpt, dict):
-                sd = ckpt.get("ema", ckpt.get("model", ckpt.get("state_dict", ckpt)))
-            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise LatteError(f"{path} holds no state dict of tensors")
-            sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-            cfg = infer_config(sd, num_heads)
+        sd, meta = read_checkpoint(path, map_location)
+        cfg = LatteConfig.from_json(meta["latte_config"]) if "latte_config" in meta else infer_config(sd, num_heads)
         if overrides:
             cfg = LatteConfig(**{**asdict(cfg), **overrides})
         model = Latte(cfg)
-        model.load_weights(sd, source=str(path))
+        model.load_weights(sd, source=str(checkpoint_file(path)))
         return model
 
     def load_weights(self, sd: dict, source: str = "state dict"):
@@ -606,6 +577,48 @@ class Latte(nn.Module):
             if v.shape != own[k].shape:
                 raise LatteError(f"{source}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
         self.load_state_dict(sd, strict=True)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The weight file of a checkpoint: the file itself, or in a training step folder the EMA weights."""
+    from latte_cli import LatteError
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).exists()]
+        if not found:
+            raise LatteError(f"{path} holds no ema.safetensors or model.safetensors")
+        path = found[0]
+    if not path.exists():
+        raise LatteError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
+    """(state dict, metadata) of our safetensors checkpoints or of a torch.save file (the published Latte and
+    DiT ones: the state dict itself or under "ema", "model" or "state_dict"; DDP and compile prefixes dropped)."""
+    from latte_cli import LatteError
+
+    path = checkpoint_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            return load_file(str(path), device=str(map_location)), meta
+        except Exception as e:
+            raise LatteError(f"{path} is not a readable safetensors file ({e})") from None
+    try:
+        sd = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__})") from None
+    if isinstance(sd, dict):
+        sd = sd.get("ema", sd.get("model", sd.get("state_dict", sd)))
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise LatteError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}, {}
 
 
 def infer_config(sd: dict, num_heads: int | None = None) -> LatteConfig:

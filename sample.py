@@ -9,7 +9,6 @@ time, and each video is written as an H.264 mp4, plus one PNG contact sheet of a
 """
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from latte_cli import LatteError
+from latte_cli import LatteError, autocast
 from latte_cli.diffusion import Diffusion, classifier_free_guidance, given_frames, randn
 from latte_cli.vae import load_vae
 from latte_cli.video import contact_sheet, write_video
-from model import Latte
+from model import Latte, checkpoint_file
 
 
 @dataclass
@@ -53,10 +52,8 @@ class SampleConfig:
 
 def checkpoint_info(path: Path) -> dict:
     """What train.py stores beside our weights (class names, cond_frames, cond_noise), else {}."""
-    path = Path(path)
-    if path.is_dir():
-        path = next((path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).exists()), path)
-    if path.suffix != ".safetensors" or not path.is_file():
+    path = checkpoint_file(path)
+    if path.suffix != ".safetensors":
         return {}
     from safetensors import safe_open
 
@@ -127,8 +124,7 @@ def sample(cfg: SampleConfig) -> list[Path]:
     diffusion = Diffusion(learn_sigma=mc.learn_sigma, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     cond_noise = info.get("cond_noise", 100) // 2  # given frames at a fixed small noise level (LVDM)
     forward = Diffusion(learn_sigma=mc.learn_sigma)  # the 1000-step forward process that noises given frames
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    autocast = torch.autocast(device_type, dtype=amp) if amp else nullcontext()
+    mixed = autocast(device_type, cfg.precision)
     shape = (F, mc.in_channels, mc.input_size, mc.input_size)
 
     out = Path(cfg.out)
@@ -153,7 +149,7 @@ def sample(cfg: SampleConfig) -> list[Path]:
                 return generate(net, diffusion, (len(ids), *shape), generators, cfg, y, given, mask, device,
                                 callback=lambda *_: bar.advance(task))
 
-            with autocast:
+            with mixed:
                 z = clip(key_model)
                 while z.shape[1] < keys:  # extend: the last frames become the next clip's given frames
                     clean = torch.cat([z[:, -context:], torch.zeros_like(z[:, : F - context])], dim=1)

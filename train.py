@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from encode import load_index
-from latte_cli import LatteError
+from latte_cli import LatteError, autocast
 from latte_cli.diffusion import Diffusion, given_frames
-from model import Latte, LatteConfig
+from model import Latte, LatteConfig, read_checkpoint
 
 
 @dataclass
@@ -240,22 +240,11 @@ def init_weights_from(model: Latte, path: str, spatial_only: bool = False) -> st
     table, reused for every frame); a label table of another size (DiT's 1000 classes) is dropped and the
     new one starts at zero. spatial_only (Video LDM): image block j -> the j-th spatial block, and the
     temporal blocks keep their identity initialisation."""
-    p = Path(path)
-    if p.is_dir():
-        p = next((p / n for n in ("ema.safetensors", "model.safetensors") if (p / n).exists()), p / "missing")
-    if not p.is_file():
-        raise LatteError(f"--init-from {path} does not exist")
     try:
-        if p.suffix == ".safetensors":
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-            if isinstance(sd, dict):
-                sd = sd.get("ema", sd.get("model", sd))
-    except Exception as e:
-        raise LatteError(f"--init-from {path} is not a readable checkpoint ({type(e).__name__})") from None
+        sd, _ = read_checkpoint(path)
+    except LatteError as e:
+        raise LatteError(f"--init-from: {e}") from None
     own = model.state_dict()
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items() if torch.is_tensor(v)}
     if spatial_only:
         spatial = [i for i, kind in enumerate(model.plan) if kind == "spatial"]
         renamed = {}
@@ -306,8 +295,7 @@ def train(cfg: TrainConfig) -> Path:
     # this rank's rows of the global batch, accumulation step by step: a step's batch is the same however
     # it is split into processes and accumulation steps
     rows = [(k * world + rank) * per + j for k in range(cfg.accum) for j in range(per)]
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    autocast = torch.autocast(device_type, dtype=amp) if amp else nullcontext()
+    mixed = autocast(device_type, cfg.precision)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
     run = Path(cfg.out)
     log = Logger(run, master, cfg.progress)
@@ -399,7 +387,7 @@ def train(cfg: TrainConfig) -> Path:
                 fn, kwargs["mask"], loss_frames = given_frames(net, given), b["mask"], ~b["mask"]  # loss: the rest
             sync = nullcontext() if not ddp or k == cfg.accum - 1 else net.no_sync()
             with sync:
-                with autocast:
+                with mixed:
                     losses = diffusion.training_losses(fn, b["x0"], b["t"], kwargs, b["noise"], frame_mask=loss_frames)
                 loss = losses["loss"].mean() / cfg.accum
                 scaler.scale(loss).backward()

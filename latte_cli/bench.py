@@ -23,7 +23,6 @@ import platform
 import re
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -32,12 +31,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from latte_cli import LatteError
+from latte_cli import PRECISIONS, LatteError, autocast
 from latte_cli.diffusion import Diffusion, classifier_free_guidance
 from latte_cli.vae import AutoencoderKL, VAEConfig
 from model import Latte, LatteConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VIDEO_STEPS, GUIDANCE, CLASSES = 50, 7.0, 101  # the sampled video: DDIM-50, sample.py's default scale, UCF-101
 TINY_VAE = VAEConfig(channels=(32, 32), layers=1, groups=8)  # --quick: the same code at a fraction of the cost
 
@@ -59,7 +57,7 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LatteError(f"device {device} asked for, but CUDA is not available")
     for p in precisions:
-        if p not in DTYPES or (p == "fp16" and dev.type != "cuda"):
+        if p not in PRECISIONS or (p == "fp16" and dev.type != "cuda"):
             raise LatteError(f"precision {p!r} is not available on {dev.type} (fp32, bf16; fp16 on CUDA)")
     if not variants or any(v not in (1, 2, 3, 4) for v in variants):
         raise LatteError(f"variants must be among 1, 2, 3, 4, not {tuple(variants)}")
@@ -89,7 +87,7 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     n = 512 if quick else 8192 if dev.type == "cuda" else 4096
     for p in precisions:
         console.print(f"matmul peak, {p}, {n}x{n}")
-        result["peak"][p] = matmul_peak(n, DTYPES[p], dev, run)
+        result["peak"][p] = matmul_peak(n, getattr(torch, PRECISIONS[p]), dev, run)
     x = torch.randn(batch, frames, channels, size, size, device=dev)
     t = torch.randint(0, 1000, (batch,), device=dev)
     for variant in variants:
@@ -165,10 +163,6 @@ def measure(fn: Callable, repeats: int, warmup: int, clock: Clock) -> list[float
     return times
 
 
-def autocast(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else nullcontext()
-
-
 def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, run: Callable) -> dict:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     seconds = statistics.median(run(lambda: torch.mm(a, b)))
@@ -180,11 +174,11 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
     """One forward (no autograd), or one forward and backward of a scalar loss as a training step runs it:
     seconds, FLOP/s and peak memory."""
     def forward():
-        with torch.no_grad(), autocast(precision, device):
+        with torch.no_grad(), autocast(device.type, precision):
             call(x, t)
 
     def forward_backward():
-        with autocast(precision, device):
+        with autocast(device.type, precision):
             out = call(x, t)
         out.float().square().mean().backward()
         net.zero_grad(set_to_none=True)
@@ -249,7 +243,7 @@ def sample_times(net: Latte, autoencoder: AutoencoderKL, shape: tuple, precision
                 inside.append(model_timer.seconds)
 
             diffusion = Diffusion(learn_sigma=net.config.learn_sigma, respacing=f"ddim{n}")
-            with autocast(precision, device):
+            with autocast(device.type, precision):
                 z = diffusion.ddim_sample_loop(fn, shape, model_kwargs={"y": y}, device=device, callback=tick,
                                                generator=torch.Generator().manual_seed(0))
             per_step = lambda v: [b - a for a, b in zip(v[:-1], v[1:], strict=True)][-keep:]

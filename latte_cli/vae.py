@@ -10,7 +10,6 @@ Shapes: T frames, C channels, H W pixel size, h w latent size (H/8, W/8 for SD-1
 
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from latte_cli import LatteError
+from latte_cli import PRECISIONS, LatteError, autocast
 
 
 @dataclass(frozen=True)
@@ -145,9 +144,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class AutoencoderKL(nn.Module):
     """encode: frames in [-1, 1] -> latents scaled to about unit variance; decode: back. Both run without
     gradients, `chunk` frames at a time (memory stays bounded for long clips), and return float32 on the
@@ -170,9 +166,8 @@ class AutoencoderKL(nn.Module):
         if precision not in PRECISIONS:
             raise LatteError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         p = next(self.parameters())
-        amp = torch.autocast(p.device.type, PRECISIONS[precision]) if precision != "fp32" else nullcontext()
         outs = []
-        with torch.no_grad(), amp:
+        with torch.no_grad(), autocast(p.device.type, precision):
             for c in x.split(max(chunk, 1)):
                 c = c.to(p.device, p.dtype, memory_format=torch.channels_last)
                 outs.append(fn(c).to(x.device, torch.float32, memory_format=torch.contiguous_format))
