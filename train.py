@@ -58,7 +58,8 @@ class TrainConfig:
     accum: int = 1                          # gradient accumulation steps
     lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup: int = 0                         # linear warm-up steps, then constant
+    warmup: int = 0                         # linear warm-up steps, then constant ...
+    lr_decay: bool = False                  # ... or a cosine decay to 0 over the run (its steps or minutes)
     clip_grad: float = 0.0                  # max gradient norm (0: no clipping) ...
     clip_grad_from: int = 0                 # ... applied from this step on
     ema_decay: float = 0.9999
@@ -194,6 +195,16 @@ def step_inputs(cfg: TrainConfig, data: LatentClips, timesteps: int, num_classes
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
+
+def learning_rate(cfg: TrainConfig, step: int, seconds: float) -> float:
+    """Linear warm-up, then constant, or with lr_decay a cosine from cfg.lr to 0 over the run: the share of
+    it done is that of its steps or of its minutes (seconds of training so far), whichever is further."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    if not cfg.lr_decay:
+        return lr
+    done = max(step / cfg.steps, seconds / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
 
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
@@ -370,11 +381,11 @@ def train(cfg: TrainConfig) -> Path:
     last = found[-1] if found else None
     timer, window = time.perf_counter(), []
     log.start(cfg.steps, start)
-    began = time.perf_counter()
+    began, elapsed = time.perf_counter(), torch.tensor(0.0, dtype=torch.float64)
     for step in range(start, cfg.steps):
         model.train()
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+            group["lr"] = learning_rate(cfg, step, elapsed.item())
         terms = torch.zeros(3, device=device)
         inputs = step_inputs(cfg, data, diffusion.num_timesteps, mcfg.num_classes, step, rows)
         for k in range(cfg.accum):
@@ -408,10 +419,10 @@ def train(cfg: TrainConfig) -> Path:
         update_ema(ema, model, cfg.ema_decay)
 
         done = step + 1
-        out_of_time = torch.tensor(cfg.minutes > 0 and time.perf_counter() - began > 60 * cfg.minutes)
-        if ddp:  # rank 0's clock decides for all
-            dist.broadcast(out_of_time, 0)
-        final = done == cfg.steps or bool(out_of_time)
+        elapsed = torch.tensor(time.perf_counter() - began, dtype=torch.float64)
+        if ddp:  # rank 0's clock decides for all (the time budget and a time-based learning rate)
+            dist.broadcast(elapsed, 0)
+        final = done == cfg.steps or (cfg.minutes > 0 and elapsed.item() > 60 * cfg.minutes)
         window.append(time.perf_counter() - timer)
         timer = time.perf_counter()
         if done % cfg.log_every == 0 or final:

@@ -152,11 +152,13 @@ def synth(
     classes: int = typer.Option(1, help="Classes (1 to 20): shape and colour; in folders class_0, ..."),
     seed: int = typer.Option(0, help="Random seed: the same seed writes the same videos."),
     fps: int = typer.Option(8, help="Frames per second of the mp4 files."),
+    shape_size: float = typer.Option(5 / 16, help="The shape's width as a share of the frame's (0.1 to 0.6)."),
 ):
     """Write a small synthetic data set: one bright shape per video, moving and bouncing off the borders."""
     from latte_cli.video import synth as write_synth
 
-    paths = write_synth(out, videos=videos, frames=frames, size=size, classes=classes, seed=seed, fps=fps)
+    paths = write_synth(out, videos=videos, frames=frames, size=size, classes=classes, seed=seed, fps=fps,
+                        shape_size=shape_size)
     Console().print(f"wrote {len(paths)} videos of {frames} frames to {out}", highlight=False)
 
 
@@ -212,6 +214,8 @@ def train(
     lr: float = typer.Option(1e-4, help="AdamW learning rate (constant after warm-up)."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     warmup: int = typer.Option(0, help="Linear warm-up steps."),
+    lr_decay: bool = typer.Option(False, "--lr-decay", help="Cosine decay of the rate to 0 over --steps or "
+                                                         "--minutes, whichever ends first."),
     clip_grad: float = typer.Option(0.0, help="Max gradient norm (0: no clipping)."),
     clip_grad_from: int = typer.Option(0, help="Clip gradients from this step on."),
     ema_decay: float = typer.Option(0.9999, help="EMA decay of the weights that sampling uses."),

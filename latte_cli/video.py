@@ -136,13 +136,15 @@ BACKGROUND = (16, 16, 24)
 
 
 def synth(out: str | Path, videos: int, frames: int, size: int, classes: int, seed: int = 0,
-          fps: int = 8) -> list[Path]:
+          fps: int = 8, shape_size: float = 5 / 16) -> list[Path]:
     """Write `videos` mp4s of one filled shape moving at constant velocity and bouncing off the borders.
     The class picks shape and colour; start, direction and speed (1-3 px per frame at size 32) are random
-    from seed. With classes > 1 the files go in folders class_0, class_1, ... (zero-padded so that the
-    sorted names keep the class order)."""
+    from seed; shape_size is the shape's width as a share of the frame's. With classes > 1 the files go in
+    folders class_0, class_1, ... (zero-padded so that the sorted names keep the class order)."""
     if videos < 1 or frames < 1 or size < 16 or fps < 1:
         raise LatteError("synth needs videos, frames and fps >= 1 and size >= 16")
+    if not 0.1 <= shape_size <= 0.6:
+        raise LatteError(f"synth's shape size is a share of the frame from 0.1 to 0.6, got {shape_size}")
     if not 1 <= classes <= len(SHAPES) * len(COLOURS):
         raise LatteError(f"synth makes 1 to {len(SHAPES) * len(COLOURS)} classes, got {classes}")
     rng = np.random.default_rng(seed)
@@ -150,17 +152,18 @@ def synth(out: str | Path, videos: int, frames: int, size: int, classes: int, se
     paths = []
     for i in range(videos):
         k = i % classes
-        clip = _bouncing_shape(rng, SHAPES[k % len(SHAPES)], COLOURS[k % len(COLOURS)], frames, size)
+        clip = _bouncing_shape(rng, SHAPES[k % len(SHAPES)], COLOURS[k % len(COLOURS)], frames, size, shape_size)
         folder = out / f"class_{k:0{digits}d}" if classes > 1 else out
         paths.append(folder / f"video_{i:04d}.mp4")
         write_video(paths[-1], torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1, fps=fps)
     return paths
 
 
-def _bouncing_shape(rng: np.random.Generator, shape: str, colour: tuple, frames: int, size: int) -> np.ndarray:
+def _bouncing_shape(rng: np.random.Generator, shape: str, colour: tuple, frames: int, size: int,
+                    shape_size: float) -> np.ndarray:
     """(frames, size, size, 3) uint8 of one shape whose centre follows a straight line folded at the
     borders (a bounce is a mirror image of the straight path)."""
-    r = size * 5 / 32  # half extent: an 11 px square at size 32
+    r = size * shape_size / 2  # half extent: by default an 11 px square at size 32
     lo, span = r, size - 1 - 2 * r  # centres in [r, size - 1 - r] keep the whole shape in the frame
     angle, speed = rng.uniform(0, 2 * math.pi), rng.uniform(1, 3) * size / 32
     velocity = speed * np.array([math.cos(angle), math.sin(angle)])

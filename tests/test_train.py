@@ -16,7 +16,7 @@ from latte_cli.cli import app
 from latte_cli.diffusion import Diffusion
 from latte_cli.video import synth
 from model import Latte
-from train import LatentClips, TrainConfig, init_weights_from, train, update_ema
+from train import LatentClips, TrainConfig, init_weights_from, learning_rate, train, update_ema
 
 TINY = dict(depth=2, hidden_size=64, num_heads=4, frames=4, frame_interval=2, batch=4, log_every=1,
             progress=False, device="cpu")
@@ -100,6 +100,18 @@ def test_ema_arithmetic():
     n = len(values)  # ema_n = d^n e_0 + (1 - d) sum_k d^(n-1-k) v_k
     expected = d**n * e0 + (1 - d) * sum(d ** (n - 1 - k) * v for k, v in enumerate(values))
     assert ema.weight.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(data="", lr=2e-3, steps=100, warmup=10)
+    assert [learning_rate(constant, s, 0.0) for s in (0, 4, 9, 50, 99)] == pytest.approx([2e-4, 1e-3, 2e-3, 2e-3, 2e-3])
+    by_steps = TrainConfig(data="", lr=2e-3, steps=100, lr_decay=True)  # lr (1 + cos(pi s / S)) / 2
+    assert learning_rate(by_steps, 0, 1e9) == pytest.approx(2e-3)  # no minutes: the clock does not count
+    assert learning_rate(by_steps, 50, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(by_steps, 75, 0.0) == pytest.approx(1e-3 * (1 - 2**-0.5))
+    by_time = TrainConfig(data="", lr=2e-3, steps=10**6, minutes=2.0, lr_decay=True)
+    assert learning_rate(by_time, 10, 60.0) == pytest.approx(1e-3)  # half the minutes gone: half the rate
+    assert learning_rate(by_time, 10, 200.0) == 0.0  # past the budget
 
 
 def test_joint_training_feeds_images_from_other_videos(latents, monkeypatch, tmp_path):

@@ -106,6 +106,12 @@ def test_synth_bouncing_shapes(tmp_path):
     other = synth(tmp_path / "other", videos=2, frames=12, size=32, classes=4, seed=4)
     assert again[1].read_bytes() == paths[1].read_bytes()
     assert not np.array_equal(decode_rgb(other[1]), decode_rgb(paths[1]))
+    # shape_size: a square's side is that share of the frame: 2r or 2r + 1 whole pixels, r = size * share / 2
+    for share in (0.25, 0.5):
+        big = read_video(synth(tmp_path / f"s{share}", videos=1, frames=4, size=32, classes=1, shape_size=share)[0], 32)
+        lit = ((big + 1) * 127.5 - torch.tensor(BACKGROUND)[:, None, None]).norm(dim=1) > 100
+        area, r = lit.flatten(1).sum(1).float(), 32 * share / 2
+        assert 0.9 * (2 * r) ** 2 <= area.min() and area.max() <= 1.1 * (2 * r + 1) ** 2
 
 
 def test_synth_rejects_impossible_requests(tmp_path):
@@ -113,3 +119,5 @@ def test_synth_rejects_impossible_requests(tmp_path):
         synth(tmp_path, videos=2, frames=4, size=32, classes=21)
     with pytest.raises(LatteError):
         synth(tmp_path, videos=0, frames=4, size=32, classes=1)
+    with pytest.raises(LatteError, match="shape size"):
+        synth(tmp_path, videos=2, frames=4, size=32, classes=1, shape_size=0.9)
