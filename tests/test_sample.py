@@ -107,3 +107,34 @@ def test_demo_end_to_end_in_seconds(tmp_path):
     assert (tmp_path / "samples" / "contact_sheet.png").is_file()
     frames, _ = read_back(tmp_path / "long" / "sample_001.mp4")  # made clip by clip
     assert frames.shape == (32, 16, 16, 3)
+
+
+def shape_statistics(paths, labels, classes=4):
+    """Over videos with these class labels: the share of frames that show one shape, the share of those in
+    their class's colour, and the steps of the shape's centre from frame to frame (pixels)."""
+    from shapes import frame_shapes
+
+    frames, steps = [], []
+    for path, label in zip(paths, labels, strict=True):
+        found = frame_shapes(read_back(path)[0], classes)
+        frames += [(f["one"], f["colour"] == label) for f in found]
+        centres = [f["centre"] for f in found if f["one"]]
+        steps += [np.linalg.norm(b - a) for a, b in zip(centres, centres[1:], strict=False)]
+    one = [o for o, _ in frames]
+    return np.mean(one), np.mean([c for o, c in frames if o]), np.array(steps)
+
+
+def test_the_demo_model_draws_one_shape_per_frame_moving_smoothly(demo_model, tmp_path):
+    """The demo's promise, measured: the data show one shape of the class's colour in every frame, moving
+    0.5-1.5 pixels a frame; the demo's model (3,000 steps here) must draw one shape in most frames (stray
+    pixels aside), in the right colour, moving as smoothly."""
+    root = demo_model.parents[2]
+    data = sorted((root / "videos").rglob("*.mp4"))[::16]  # 16 videos from the class_0, ..., class_3 folders
+    one, colour, steps = shape_statistics(data, [int(p.parent.name.split("_")[1]) for p in data])
+    assert one == 1.0 and colour == 1.0 and 0.5 <= steps.mean() <= 1.5 and steps.max() < 3
+    paths = sample(SampleConfig(ckpt=str(demo_model), out=str(tmp_path), num=16, sampler="ddpm", steps=250,
+                                cfg_scale=2.0, seed=0, progress=False))[:-1]  # classes 0, 1, 2, 3, 0, ...
+    one, colour, steps = shape_statistics(paths, [i % 4 for i in range(16)])
+    assert one >= 0.6, one
+    assert colour >= 0.95, colour
+    assert 0.25 <= steps.mean() <= 2.0 and steps.max() < 4, steps
