@@ -289,3 +289,30 @@ def test_counting_adaln_per_token_reproduces_table3_for_variant_1():
         model = Latte(LatteConfig.preset("Latte-XL/2", variant=1))
     assert abs(model.flops(16, per_token_adaln=True) - 5572.69e9) / 5572.69e9 < 1e-3
     assert model.flops(16) < 0.7 * model.flops(16, per_token_adaln=True)
+
+
+def test_fused_cpu_gelu_matches_aten(monkeypatch):
+    """Without autograd on the CPU, Mlp runs fc1 + tanh-GELU as one oneDNN call: the same function as
+    Fn.gelu(fc1(x), approximate="tanh"), in fp32 and under bf16 autocast, for the whole model."""
+    import model as model_module
+
+    if not model_module.FUSED_GELU:
+        pytest.skip("this torch has no oneDNN linear + GELU")
+    torch.manual_seed(0)
+    net = Latte(tiny(hidden_size=64, input_size=16, num_frames=4, num_classes=5)).eval()
+    for p in net.parameters():  # adaLN-Zero starts with every block switched off: give the MLPs a say
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 4, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4])
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a),
+                        raising=False)
+    for precision in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
+            fused = net(x, t, y).float()
+            monkeypatch.setattr(model_module, "FUSED_GELU", False)
+            aten = net(x, t, y).float()
+            monkeypatch.setattr(model_module, "FUSED_GELU", True)
+        tol = 1e-5 if precision == torch.float32 else 3e-2 * aten.abs().max().item()
+        assert (fused - aten).abs().max().item() < tol
+    assert len(calls) == 2 * net.config.depth  # every block's MLP went through it, in both precisions
