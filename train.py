@@ -194,8 +194,6 @@ def step_inputs(cfg: TrainConfig, data: LatentClips, timesteps: int, num_classes
     return out
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-
 def learning_rate(cfg: TrainConfig, step: int, seconds: float) -> float:
     """Linear warm-up, then constant, or with lr_decay a cosine from cfg.lr to 0 over the run: the share of
     it done is that of its steps or of its minutes (seconds of training so far), whichever is further."""
@@ -205,6 +203,8 @@ def learning_rate(cfg: TrainConfig, step: int, seconds: float) -> float:
     done = max(step / cfg.steps, seconds / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
     return lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
+
+# ----------------------------------------------------------------------------------------- checkpoints
 
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""

@@ -42,7 +42,8 @@ def demo(out: str | Path = "demo", minutes: float = 8.0, model: str = "Latte-S/4
     began = time.perf_counter()
     console.rule("1/4 synthetic videos")
     synth(out / "videos", videos=videos, seed=seed, **DATA)
-    console.print(f"{videos} mp4 files of 24 frames, 16x16, 4 classes in {out / 'videos'}")
+    console.print(f"{videos} mp4 files of {DATA['frames']} frames, {DATA['size']}x{DATA['size']}, "
+                  f"{DATA['classes']} classes in {out / 'videos'}")
     console.rule("2/4 encode (pixel space)")
     encode(out / "videos", out / "latents", vae="none", size=DATA["size"], labels="folders", flip=True)
     console.rule(f"3/4 train for {minutes:g} minutes")
