@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from latte_cli import LatteError
+from latte_cli import LatteError, keep_freed_memory
 
 app = typer.Typer(
     name="latte",
@@ -38,6 +38,11 @@ def friendly(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+@app.callback()
+def setup():
+    keep_freed_memory()
 
 
 # ---------------------------------------------------------------------------------------------- model
