@@ -46,6 +46,7 @@ def test_bench_writes_a_complete_consistent_json(tmp_path, threads):
     assert set(r["peak"]) == {"fp32", "bf16"}
     for peak in r["peak"].values():
         assert peak["flops"] == 2 * peak["n"] ** 3 and rel_close(peak["flop_per_s"], peak["flops"] / peak["seconds"])
+        assert peak["flop_per_s"] == max(peak["sizes"].values()) and len(peak["sizes"]) == 2  # the fastest size
 
     passes = {"forward": 1, "forward+backward": 3, "forward+backward (checkpointed)": 3}
     rows = {(v["variant"], v["precision"], v["pass"]): v for v in r["model"]}
