@@ -4,10 +4,10 @@
     latte bench --model Latte-XL/2 --variants 1 --precisions bf16 --no-sampling --no-vae --grad-checkpoint
 
 What it measures, each figure the median of `repeats` timed runs after `warmup` untimed ones:
-  peak      a large square torch.mm per precision: the limit the model is compared with;
+  peak      large square torch.mm per precision (several sizes; the fastest is the limit the model is compared with);
   model     forward and forward+backward of each variant: seconds per step, FLOP/s from Latte.flops (the matmuls
             and attention products; forward+backward counts 3x the forward, recomputation not counted),
-            utilisation = FLOP/s / peak, and peak memory;
+            utilisation = FLOP/s / that matmul's FLOP/s timed again right after each step, and peak memory;
   sampling  seconds per DDIM step without and with classifier-free guidance, and one whole video (50 DDIM steps,
             guided, then VAE decoding) split into model calls, VAE decoder calls and the rest (guidance, the
             sampler's arithmetic, VAE chunking);
@@ -99,8 +99,7 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
                 row["pass"] += " (checkpointed)" if checkpointed else ""
                 console.print(f"variant {variant}, {p}, {row['pass']}")
                 net.gradient_checkpointing = checkpointed
-                row.update(model_row(call, net, x, t, p, dev, train, run))
-                row["utilisation"] = row["flop_per_s"] / result["peak"][p]["flop_per_s"]
+                row.update(model_row(call, net, x, t, p, dev, train, result["peak"][p], repeats, warmup, clock))
                 result["model"].append(row)
         del net, call
 
@@ -170,16 +169,18 @@ def matmul_peak(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device
     rows = []
     for n in sizes:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        seconds = statistics.median(run(lambda: torch.mm(a, b)))
+        seconds = statistics.median(run(lambda a=a, b=b: torch.mm(a, b)))
         rows.append({"n": n, "flops": 2 * n**3, "seconds": seconds, "flop_per_s": 2 * n**3 / seconds})
     best = max(rows, key=lambda r: r["flop_per_s"])
     return {**best, "sizes": {r["n"]: r["flop_per_s"] for r in rows}}
 
 
-def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool,
-              run: Callable) -> dict:
+def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool, peak: dict,
+              repeats: int, warmup: int, clock: Clock) -> dict:
     """One forward (no autograd), or one forward and backward of a scalar loss as a training step runs it:
-    seconds, FLOP/s and peak memory."""
+    seconds, FLOP/s, peak memory, and the utilisation: FLOP/s over the matmul peak timed beside each run (the
+    fastest size again, right after every step), as a shared machine's speed drifts by 10% and more between
+    minutes: the model and its limit are measured in the same moments."""
     def forward():
         with torch.no_grad(), autocast(device.type, precision):
             call(x, t)
@@ -190,14 +191,32 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
         out.float().square().mean().backward()
         net.zero_grad(set_to_none=True)
 
+    a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=getattr(torch, PRECISIONS[precision]))
+            for _ in range(2))
+    calls = max(1, round(0.1 / peak["seconds"]))  # about 0.1 s of matmuls after each step
+
+    def reference():
+        for _ in range(calls):
+            torch.mm(a, b)
+
     net.train(train)
     reset_peak_memory(device)
-    times = run(forward_backward if train else forward)
+    step = forward_backward if train else forward
+    times, beside = [], []
+    for i in range(warmup + repeats):
+        start = clock()
+        step()
+        middle = clock()
+        reference()
+        if i >= warmup:
+            times.append(middle - start)
+            beside.append(clock() - middle)
     flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
     seconds = statistics.median(times)
+    peak_rate = calls * peak["flops"] / statistics.median(beside)
     return {"depth": net.config.depth, "params": sum(p.numel() for p in net.parameters()), "flops": flops,
-            "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds,
-            "peak_memory": peak_memory(device)}
+            "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds, "peak_flop_per_s": peak_rate,
+            "utilisation": flops / seconds / peak_rate, "peak_memory": peak_memory(device)}
 
 
 def vae_rates(autoencoder: AutoencoderKL, frames: int, size: int, precision: str, device: torch.device,
@@ -332,13 +351,14 @@ def print_tables(r: dict):
         table.add_row(p, str(v["n"]), f"{v['flop_per_s'] / 1e12:.3f}")
     console.print(table)
     table = Table(title="model")
-    for col in ("variant", "dtype", "pass", "s/step", "TFLOP/s", "of peak", "memory"):
+    for col in ("variant", "dtype", "pass", "s/step", "TFLOP/s", "peak", "of peak", "memory"):
         table.add_column(col, justify="left" if col == "pass" else "right", no_wrap=True)
     short = {"forward": "fwd", "forward+backward": "fwd+bwd", "forward+backward (checkpointed)": "fwd+bwd ckpt"}
     for v in r["model"]:
         mem = f"{v['peak_memory'] / 2**30:.2f} GiB" if v["peak_memory"] else "-"
         table.add_row(str(v["variant"]), v["precision"], short[v["pass"]], f"{v['seconds']:.4f}",
-                      f"{v['flop_per_s'] / 1e12:.3f}", f"{v['utilisation']:.0%}", mem)
+                      f"{v['flop_per_s'] / 1e12:.3f}", f"{v['peak_flop_per_s'] / 1e12:.3f}", f"{v['utilisation']:.0%}",
+                      mem)
     console.print(table)
     if r["sampling"]:
         table = Table(title="sampling: s per DDIM step; a guided video and its time shares (first variant, batch 1)")
