@@ -300,7 +300,8 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if FUSED_GELU and x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in FUSED_DTYPES:
+        if (FUSED_GELU and x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in FUSED_DTYPES
+                and not torch.compiler.is_compiling()):  # torch.compile makes its own fused kernel
             # ATen's tanh-GELU takes longer than the fc1 matmul on the CPU (~6x in bf16): oneDNN applies the
             # same tanh-GELU in the matmul's epilogue. Sampling and evaluation only: with autograd, computing
             # fc1 twice (fused, and plainly for the backward) cost as much as it saved.
