@@ -307,7 +307,54 @@ class Mlp(nn.Module):
             # fc1 twice (fused, and plainly for the backward) cost as much as it saved.
             w, b = self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)
             return self.fc2(torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "gelu", [], "tanh"))
+        if x.device.type == "cpu" and torch.is_grad_enabled() and dtype == torch.bfloat16:
+            return self.fc2(training_gelu(self.fc1(x)))
         return self.fc2(Fn.gelu(self.fc1(x), approximate="tanh"))
+
+
+# Training in bf16 on the CPU: ATen's tanh-GELU kernels run far below the memory's speed there (12-13 ms each way on
+# a 4096x1536 tensor, as long as the fc1 matmul), so torch.compile writes one vectorised pass each way, in the form
+# 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): a bf16 training step of Latte-S/2 on an
+# AVX-512 EPYC ran 7.7% faster. Where no compiler works, ATen's kernels.
+GELU_C = 2 * math.sqrt(2 / math.pi)  # 2u = h (GELU_C + GELU_C 0.044715 h^2)
+
+
+def gelu_forward(h):
+    x = h.float()
+    return (x * torch.sigmoid(x * (GELU_C + GELU_C * 0.044715 * x * x))).to(h.dtype)
+
+
+def gelu_backward(g, h):  # d/dh h s(2u) = s + h s (1 - s) d(2u)/dh
+    x = h.float()
+    s = torch.sigmoid(x * (GELU_C + GELU_C * 0.044715 * x * x))
+    return (g.float() * (s + x * s * (1 - s) * (GELU_C + 3 * GELU_C * 0.044715 * x * x))).to(h.dtype)
+
+
+class CompiledGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return COMPILED_GELU[0](h)
+
+    @staticmethod
+    def backward(ctx, g):
+        return COMPILED_GELU[1](g, ctx.saved_tensors[0])
+
+
+COMPILED_GELU = None  # (forward, backward) once compiled; False where compiling failed
+
+
+def training_gelu(h):
+    global COMPILED_GELU
+    if torch.compiler.is_compiling():  # inside a compiled model the compiler fuses ATen's GELU itself
+        return Fn.gelu(h, approximate="tanh")
+    if COMPILED_GELU is None:
+        try:  # compile both now, on this shape, so that a missing compiler shows here and not mid-backward
+            COMPILED_GELU = tuple(torch.compile(f, dynamic=True) for f in (gelu_forward, gelu_backward))
+            COMPILED_GELU[1](COMPILED_GELU[0](h.detach()), h.detach())
+        except Exception:  # noqa: BLE001 - any failure of the compiler leaves the (same) ATen function
+            COMPILED_GELU = False
+    return CompiledGelu.apply(h) if COMPILED_GELU else Fn.gelu(h, approximate="tanh")
 
 
 FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
