@@ -319,14 +319,18 @@ class Mlp(nn.Module):
 GELU_C = 2 * math.sqrt(2 / math.pi)  # 2u = h (GELU_C + GELU_C 0.044715 h^2)
 
 
+def sigmoid_2u(x):
+    return torch.sigmoid(x * (GELU_C + GELU_C * 0.044715 * x * x))
+
+
 def gelu_forward(h):
     x = h.float()
-    return (x * torch.sigmoid(x * (GELU_C + GELU_C * 0.044715 * x * x))).to(h.dtype)
+    return (x * sigmoid_2u(x)).to(h.dtype)
 
 
 def gelu_backward(g, h):  # d/dh h s(2u) = s + h s (1 - s) d(2u)/dh
     x = h.float()
-    s = torch.sigmoid(x * (GELU_C + GELU_C * 0.044715 * x * x))
+    s = sigmoid_2u(x)
     return (g.float() * (s + x * s * (1 - s) * (GELU_C + 3 * GELU_C * 0.044715 * x * x))).to(h.dtype)
 
 

@@ -152,13 +152,18 @@ class Clock:
 
 
 def measure(fn: Callable, repeats: int, warmup: int, clock: Clock) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
+    return measure_each([fn], repeats, warmup, clock)[0]
+
+
+def measure_each(fns: list[Callable], repeats: int, warmup: int, clock: Clock) -> list[list[float]]:
+    """Seconds of each of `fns`, run one after the other in every round, so that they share the machine's moments."""
+    times = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for fn, seconds in zip(fns, times, strict=True):
+            start = clock()
+            fn()
+            if i >= warmup:
+                seconds.append(clock() - start)
     return times
 
 
@@ -201,16 +206,7 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
 
     net.train(train)
     reset_peak_memory(device)
-    step = forward_backward if train else forward
-    times, beside = [], []
-    for i in range(warmup + repeats):
-        start = clock()
-        step()
-        middle = clock()
-        reference()
-        if i >= warmup:
-            times.append(middle - start)
-            beside.append(clock() - middle)
+    times, beside = measure_each([forward_backward if train else forward, reference], repeats, warmup, clock)
     flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
     seconds = statistics.median(times)
     peak_rate = calls * peak["flops"] / statistics.median(beside)
