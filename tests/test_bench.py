@@ -1,6 +1,8 @@
 """`latte bench` end to end on a tiny model (the JSON read back and checked for completeness and consistency,
 never for speed), and the model's fast paths against the plain formulas they replace."""
 
+import ctypes
+import ctypes.util
 import json
 import statistics
 import subprocess
@@ -14,9 +16,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-import model
+from latte_cli import kernels
 from latte_cli.cli import app
-from model import Latte, LatteConfig, attention
+from latte_cli.kernels import attention
+from model import Latte, LatteConfig
 
 TINY = ["--depth", "2", "--hidden-size", "64", "--num-heads", "4", "--frames", "4", "--size", "8", "--threads", "1"]
 
@@ -134,7 +137,7 @@ def test_cpu_attention_path_follows_the_dtype(dtype, grad):
     with torch.profiler.profile() as prof:
         out = attention(q, k, v)
     fused = any("scaled_dot_product" in e.name for e in prof.events())
-    assert fused == (dtype == torch.float32 or (not grad and model.CPU_AMX))
+    assert fused == (dtype == torch.float32 or (not grad and kernels.CPU_AMX))
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert torch.allclose(out.double(), ref, atol=1e-5 if dtype == torch.float32 else 3e-2)
 
@@ -174,25 +177,34 @@ def test_flop_counter_sees_the_fused_cpu_kernel():
     assert counts[0] == counts[1] == 2 * 2 * (2 * 3 * 16 * 16 * 8)
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc/Linux only")
-def test_keep_freed_memory_saves_page_faults():
-    """keep_freed_memory() (the latte command runs it first) lets glibc reuse freed activation blocks: glibc takes
-    the settings, and steps that allocate and free 136 MiB in blocks of 0.25-4 MiB then fault in almost no fresh
-    pages (fewer than 5% of those they touch)."""
-    code = (
-        "import resource, sys, torch\n"
-        "from latte_cli import keep_freed_memory\n"
-        "if sys.argv[1] == '1': assert keep_freed_memory()\n"
-        "def step(): keep = [torch.ones(n << 18) for n in range(1, 17)]\n"
-        "for _ in range(3): step()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(5): step()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
-    )
-    faults = [int(subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True,
-                                 cwd=Path(__file__).parents[1]).stdout) for flag in ("0", "1")]
-    pages = 5 * 136 * 2**20 // 4096
-    assert faults[1] < 0.05 * pages, faults  # glibc's defaults: 4,000-15,000 here
+MALLINFO = """
+import ctypes, sys, torch
+from latte_cli import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "1": assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(16 << 18)  # a 16 MiB activation
+held = libc.mallinfo2()
+del x
+freed = libc.mallinfo2()
+print(held.hblkhd - before, freed.hblkhd - before, freed.fordblks)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"), reason="glibc >= 2.33 only")
+def test_keep_freed_memory_keeps_activation_blocks_in_the_heap():
+    """keep_freed_memory() (the latte command runs it first): glibc takes the settings, and a 16 MiB block comes
+    from the heap and stays there once freed, for the next step to reuse without faulting its pages in again.
+    With glibc's defaults (the control) the block is a fresh mmap that goes back to the kernel when freed."""
+    runs = [subprocess.run([sys.executable, "-c", MALLINFO, flag], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parents[1]).stdout.split() for flag in ("0", "1")]
+    (mapped_0, after_0, _), (mapped_1, after_1, free_1) = ([int(n) >> 20 for n in run] for run in runs)
+    assert mapped_0 >= 16 and after_0 == 0  # default: mmapped, then unmapped
+    assert mapped_1 == after_1 == 0 and free_1 >= 16  # kept: heap memory, still there after the free
 
 
 def test_compiled_model_matches_eager_without_autograd():
