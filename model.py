@@ -30,6 +30,8 @@ import torch.nn.functional as Fn
 import torch.utils.checkpoint
 from einops import rearrange
 
+from latte_cli import kernels
+
 
 @dataclass
 class LatteConfig:
@@ -209,30 +211,11 @@ class LabelEmbedder(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- attention
 
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh): torch's fused kernel, except on the CPU below fp32, where the
-    products written out measured faster (AVX-512 EPYC, bf16: spatial attention 1.8x and temporal 8x in training,
-    1.5x in a forward) but for a forward on a CPU with AMX tiles, where the fused kernel was the faster one."""
-    training = torch.is_grad_enabled() and q.requires_grad
-    if q.device.type == "cpu" and q.dtype != torch.float32 and (training or not CPU_AMX):
-        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-    return Fn.scaled_dot_product_attention(q, k, v)
-
-
-def cpu_has_amx() -> bool:
-    try:
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-CPU_AMX = cpu_has_amx()
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over one axis of (B, F, N, D): "spatial" (the N tokens of a frame),
     "temporal" (the F frames at a position) or "split" (variant 4: half the heads each way).
-    q, k and v stay strided views into the one qkv output: the fused attention kernel reads them in place."""
+    Each head computes softmax(q k^T / sqrt(Dh)) v; kernels.attention picks the kernel (torch's fused one reads q, k
+    and v in place, as strided views into the one qkv output)."""
 
     def __init__(self, dim: int, heads: int, axis: str):
         super().__init__()
@@ -259,7 +242,7 @@ class Attention(nn.Module):
     def spatial(qkv):                                                                # B F N 3 h Dh
         B = qkv.shape[0]
         q, k, v = (rearrange(t, "b f n h d -> (b f) h n d") for t in qkv.unbind(3))
-        out = attention(q, k, v)                                                     # (B F) h N Dh
+        out = kernels.attention(q, k, v)                                                     # (B F) h N Dh
         return rearrange(out, "(b f) h n d -> b f n h d", b=B)
 
     @staticmethod
@@ -268,29 +251,8 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b f n h d -> (b n) h f d") for t in qkv.unbind(3))  # frames attend
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v)                                                     # (B N) h F Dh
+        out = kernels.attention(q, k, v)                                                     # (B N) h F Dh
         return rearrange(out, "(b n) h f d -> b n f h d", b=B)                       # B N F h Dh
-
-
-def count_cpu_kernel_flops():
-    """torch's FlopCounterMode counts the fused CUDA attention kernels but not the CPU one that attention()
-    reaches: give it the same count, q k^T and a v at 2 FLOPs per multiply-add (the backward recomputes a and
-    takes 3 more products), so that the counter checks Latte.flops on any device. Likewise the oneDNN
-    linear + GELU that Mlp uses on the CPU without autograd."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    if FUSED_GELU and torch.ops.mkldnn._linear_pointwise not in flop_registry:
-        register_flop_formula(torch.ops.mkldnn._linear_pointwise)(
-            lambda x, w, *args, out_shape=None, **kwargs: 2 * math.prod(x[:-1]) * x[-1] * w[0])
-    ops = torch.ops.aten
-    if not hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
-        return
-    if ops._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
-        register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)(
-            lambda q, k, v, *args, out_shape=None, **kwargs: 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1]))
-    if ops._scaled_dot_product_flash_attention_for_cpu_backward not in flop_registry:
-        register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)(
-            lambda g, q, k, v, *args, out_shape=None, **kwargs: 2 * math.prod(q[:-1]) * k[-2] * (3 * q[-1] + 2 * v[-1]))
 
 
 class Mlp(nn.Module):
@@ -298,72 +260,8 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
-    def forward(self, x):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if (FUSED_GELU and x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in FUSED_DTYPES
-                and not torch.compiler.is_compiling()):  # torch.compile makes its own fused kernel
-            # ATen's tanh-GELU takes longer than the fc1 matmul on the CPU (~6x in bf16): oneDNN applies the
-            # same tanh-GELU in the matmul's epilogue. Sampling and evaluation only: with autograd, computing
-            # fc1 twice (fused, and plainly for the backward) cost as much as it saved.
-            w, b = self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)
-            return self.fc2(torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "gelu", [], "tanh"))
-        if x.device.type == "cpu" and torch.is_grad_enabled() and dtype == torch.bfloat16:
-            return self.fc2(training_gelu(self.fc1(x)))
-        return self.fc2(Fn.gelu(self.fc1(x), approximate="tanh"))
-
-
-# Training in bf16 on the CPU: ATen's tanh-GELU kernels run far below the memory's speed there (12-13 ms each way on
-# a 4096x1536 tensor, as long as the fc1 matmul), so torch.compile writes one vectorised pass each way, in the form
-# 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): a bf16 training step of Latte-S/2 on an
-# AVX-512 EPYC ran 7.7% faster. Where no compiler works, ATen's kernels.
-GELU_C = 2 * math.sqrt(2 / math.pi)  # 2u = h (GELU_C + GELU_C 0.044715 h^2)
-
-
-def sigmoid_2u(x):
-    return torch.sigmoid(x * (GELU_C + GELU_C * 0.044715 * x * x))
-
-
-def gelu_forward(h):
-    x = h.float()
-    return (x * sigmoid_2u(x)).to(h.dtype)
-
-
-def gelu_backward(g, h):  # d/dh h s(2u) = s + h s (1 - s) d(2u)/dh
-    x = h.float()
-    s = sigmoid_2u(x)
-    return (g.float() * (s + x * s * (1 - s) * (GELU_C + 3 * GELU_C * 0.044715 * x * x))).to(h.dtype)
-
-
-class CompiledGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        return COMPILED_GELU[0](h)
-
-    @staticmethod
-    def backward(ctx, g):
-        return COMPILED_GELU[1](g, ctx.saved_tensors[0])
-
-
-COMPILED_GELU = None  # (forward, backward) once compiled; False where compiling failed
-
-
-def training_gelu(h):
-    global COMPILED_GELU
-    if torch.compiler.is_compiling():  # inside a compiled model the compiler fuses ATen's GELU itself
-        return Fn.gelu(h, approximate="tanh")
-    if COMPILED_GELU is None:
-        try:  # compile both now, on this shape, so that a missing compiler shows here and not mid-backward
-            COMPILED_GELU = tuple(torch.compile(f, dynamic=True) for f in (gelu_forward, gelu_backward))
-            COMPILED_GELU[1](COMPILED_GELU[0](h.detach()), h.detach())
-        except Exception:  # noqa: BLE001 - any failure of the compiler leaves the (same) ATen function
-            COMPILED_GELU = False
-    return CompiledGelu.apply(h) if COMPILED_GELU else Fn.gelu(h, approximate="tanh")
-
-
-FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-FUSED_DTYPES = (torch.float32, torch.bfloat16)
-count_cpu_kernel_flops()
+    def forward(self, x):  # GELU in its tanh form (DiT); kernels.linear_gelu computes it faster on the CPU
+        return self.fc2(kernels.linear_gelu(self.fc1, x))
 
 
 # ------------------------------------------------------------------------------------------------- block

@@ -295,9 +295,9 @@ def test_counting_adaln_per_token_reproduces_table3_for_variant_1():
 def test_fused_cpu_gelu_matches_aten(monkeypatch):
     """Without autograd on the CPU, Mlp runs fc1 + tanh-GELU as one oneDNN call: the same function as
     Fn.gelu(fc1(x), approximate="tanh"), in fp32 and under bf16 autocast, for the whole model."""
-    import model as model_module
+    from latte_cli import kernels
 
-    if not model_module.FUSED_GELU:
+    if not kernels.FUSED_GELU:
         pytest.skip("this torch has no oneDNN linear + GELU")
     torch.manual_seed(0)
     net = Latte(tiny(hidden_size=64, input_size=16, num_frames=4, num_classes=5)).eval()
@@ -311,9 +311,9 @@ def test_fused_cpu_gelu_matches_aten(monkeypatch):
     for precision in (torch.float32, torch.bfloat16):
         with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
             fused = net(x, t, y).float()
-            monkeypatch.setattr(model_module, "FUSED_GELU", False)
+            monkeypatch.setattr(kernels, "FUSED_GELU", False)
             aten = net(x, t, y).float()
-            monkeypatch.setattr(model_module, "FUSED_GELU", True)
+            monkeypatch.setattr(kernels, "FUSED_GELU", True)
         tol = 1e-5 if precision == torch.float32 else 3e-2 * aten.abs().max().item()
         assert (fused - aten).abs().max().item() < tol
     assert len(calls) == 2 * net.config.depth  # every block's MLP went through it, in both precisions
@@ -323,7 +323,7 @@ def test_compiled_training_gelu_matches_aten(monkeypatch):
     """bf16 training on the CPU runs the tanh-GELU as two compiled passes of h sigmoid(2u) and its derivative:
     the tanh formula's values and gradients (float32 to 1e-6, bf16 to its rounding), taken by Mlp; where compiling
     fails, ATen's own GELU."""
-    import model as m
+    from latte_cli import kernels as m
 
     torch.manual_seed(0)
     h32, g32 = torch.randn(4000) * 3, torch.randn(4000)
