@@ -142,6 +142,35 @@ def test_cpu_attention_path_follows_the_dtype(dtype, grad):
     assert torch.allclose(out.double(), ref, atol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
+def graph_nodes(out):
+    nodes = [out.grad_fn]
+    for node in nodes:  # the whole autograd graph, breadth first
+        nodes += [f for f, _ in node.next_functions if f is not None and f not in nodes]
+    return [node.name() for node in nodes]
+
+
+def test_short_rows_take_the_softmax_in_fp32(monkeypatch):
+    """bf16 training over short sequences (temporal attention over frames) runs the softmax in fp32: the same
+    values as the bf16 softmax, and gradients as close to float64's as the bf16 path's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 3, 16, 8, dtype=torch.float64) for _ in range(3))
+    g = torch.randn(4, 3, 16, 8, dtype=torch.float64)
+    exact = [t.clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*exact).backward(g)
+    runs = []
+    for short_rows in (64, 0):  # 0: every row takes the bf16 softmax
+        monkeypatch.setattr(kernels, "SHORT_ROWS", short_rows)
+        leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves)
+        casts = graph_nodes(out).count("ToCopyBackward0")
+        out.backward(g.bfloat16())
+        error = max((t.grad.double() - ref.grad).abs().max().item() for t, ref in zip(leaves, exact, strict=True))
+        runs.append((out.detach(), casts, error))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == 2 and runs[1][1] == 0  # to fp32 and back
+    assert runs[0][2] < 0.05 and runs[0][2] <= 1.5 * runs[1][2]
+
+
 @pytest.mark.parametrize("variant", [1, 3, 4])
 def test_fp32_and_float64_models_agree(variant):
     """The fp32 model (fused attention kernel on the CPU) and its float64 copy (written-out products), with and
