@@ -149,17 +149,19 @@ def graph_nodes(out):
     return [node.name() for node in nodes]
 
 
+@pytest.mark.skipif(not kernels.VECTOR_BYTES, reason="x86 vector width only")
 def test_short_rows_take_the_softmax_in_fp32(monkeypatch):
-    """bf16 training over short sequences (temporal attention over frames) runs the softmax in fp32: the same
-    values as the bf16 softmax, and gradients as close to float64's as the bf16 path's."""
+    """bf16 rows shorter than a bf16 vector but as long as an fp32 one (temporal attention over 16 frames on
+    AVX-512) take the softmax in fp32: the same values as the bf16 softmax, and gradients as close to float64's."""
+    L = kernels.VECTOR_BYTES // 4
     torch.manual_seed(0)
-    q, k, v = (torch.randn(4, 3, 16, 8, dtype=torch.float64) for _ in range(3))
-    g = torch.randn(4, 3, 16, 8, dtype=torch.float64)
+    q, k, v = (torch.randn(4, 3, L, 8, dtype=torch.float64) for _ in range(3))
+    g = torch.randn(4, 3, L, 8, dtype=torch.float64)
     exact = [t.clone().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*exact).backward(g)
     runs = []
-    for short_rows in (64, 0):  # 0: every row takes the bf16 softmax
-        monkeypatch.setattr(kernels, "SHORT_ROWS", short_rows)
+    for vector_bytes in (kernels.VECTOR_BYTES, 0):  # 0: every row takes the bf16 softmax
+        monkeypatch.setattr(kernels, "VECTOR_BYTES", vector_bytes)
         leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
         out = attention(*leaves)
         casts = graph_nodes(out).count("ToCopyBackward0")
