@@ -242,7 +242,7 @@ class Attention(nn.Module):
     def spatial(qkv):                                                                # B F N 3 h Dh
         B = qkv.shape[0]
         q, k, v = (rearrange(t, "b f n h d -> (b f) h n d") for t in qkv.unbind(3))
-        out = kernels.attention(q, k, v)                                                     # (B F) h N Dh
+        out = kernels.attention(q, k, v)                                             # (B F) h N Dh
         return rearrange(out, "(b f) h n d -> b f n h d", b=B)
 
     @staticmethod
@@ -251,7 +251,7 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b f n h d -> (b n) h f d") for t in qkv.unbind(3))  # frames attend
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = kernels.attention(q, k, v)                                                     # (B N) h F Dh
+        out = kernels.attention(q, k, v)                                             # (B N) h F Dh
         return rearrange(out, "(b n) h f d -> b n f h d", b=B)                       # B N F h Dh
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from latte_cli import kernels
 from latte_cli.cli import app
 from latte_cli.kernels import attention
-from model import Latte, LatteConfig
+from model import Latte, LatteConfig, Mlp
 
 TINY = ["--depth", "2", "--hidden-size", "64", "--num-heads", "4", "--frames", "4", "--size", "8", "--threads", "1"]
 
@@ -206,6 +206,63 @@ def test_flop_counter_sees_the_fused_cpu_kernel():
             F.scaled_dot_product_attention(q, k, v)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 2 * 2 * (2 * 3 * 16 * 16 * 8)
+
+
+def test_fused_cpu_gelu_matches_aten(monkeypatch):
+    """Without autograd on the CPU, Mlp runs fc1 + tanh-GELU as one oneDNN call: the same function as
+    F.gelu(fc1(x), approximate="tanh"), in fp32 and under bf16 autocast, for the whole model."""
+    if not kernels.FUSED_GELU:
+        pytest.skip("this torch has no oneDNN linear + GELU")
+    torch.manual_seed(0)
+    net = Latte(LatteConfig(input_size=16, in_channels=3, num_frames=4, hidden_size=64, depth=2, num_heads=4,
+                            num_classes=5)).eval()
+    for p in net.parameters():  # adaLN-Zero starts with every block switched off: give the MLPs a say
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 4, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4])
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a),
+                        raising=False)
+    for precision in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
+            fused = net(x, t, y).float()
+            monkeypatch.setattr(kernels, "FUSED_GELU", False)
+            aten = net(x, t, y).float()
+            monkeypatch.setattr(kernels, "FUSED_GELU", True)
+        tol = 1e-5 if precision == torch.float32 else 3e-2 * aten.abs().max().item()
+        assert (fused - aten).abs().max().item() < tol
+    assert len(calls) == 2 * net.config.depth  # every block's MLP went through it, in both precisions
+
+
+def test_compiled_training_gelu_matches_aten(monkeypatch):
+    """bf16 training on the CPU runs the tanh-GELU as two compiled passes of h sigmoid(2u) and its derivative:
+    the tanh formula's values and gradients (float32 to 1e-6, bf16 to its rounding), taken by Mlp; where compiling
+    fails, ATen's own GELU."""
+    torch.manual_seed(0)
+    h32, g32 = torch.randn(4000) * 3, torch.randn(4000)
+    ref = F.gelu(h32.double(), approximate="tanh")
+    ref_grad = torch.ops.aten.gelu_backward(g32.double(), h32.double(), approximate="tanh")
+    assert torch.allclose(kernels.gelu_forward(h32).double(), ref, atol=1e-6)
+    assert torch.allclose(kernels.gelu_backward(g32, h32).double(), ref_grad, atol=1e-5)
+
+    h = h32.view(2, 20, 100).bfloat16().requires_grad_()
+    y = kernels.training_gelu(h)
+    y.backward(g32.view(2, 20, 100).bfloat16())
+    assert kernels.COMPILED_GELU and y.dtype == h.grad.dtype == torch.bfloat16
+    assert torch.allclose(y.double(), F.gelu(h.detach().double(), approximate="tanh"), rtol=2**-7, atol=2**-7)
+    ref_grad = torch.ops.aten.gelu_backward(g32.view(2, 20, 100).bfloat16().double(), h.detach().double(),
+                                            approximate="tanh")
+    assert torch.allclose(h.grad.double(), ref_grad, rtol=2**-7, atol=2**-7)
+
+    with torch.autocast("cpu", torch.bfloat16):
+        assert "CompiledGeluBackward" in graph_nodes(Mlp(16, 64)(torch.randn(5, 16, requires_grad=True)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "COMPILED_GELU", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    assert torch.equal(kernels.training_gelu(h), F.gelu(h, approximate="tanh")) and kernels.COMPILED_GELU is False
 
 
 MALLINFO = """
