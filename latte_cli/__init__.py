@@ -15,8 +15,9 @@ def autocast(device_type: str, precision: str):
 
 def keep_freed_memory() -> bool:
     """Let glibc keep freed blocks of up to 32 MiB for reuse instead of handing each back to the kernel. By default
-    every activation over 128 KiB is a fresh mmap whose pages fault in again on first touch: a Latte-S/2
-    training step on the CPU allocates hundreds of them and spent 5-8% of its time there. True where glibc took
+    an activation over 128 KiB is a fresh mmap whose pages fault in again on first touch (glibc raises that limit
+    only to sizes it has seen freed): a Latte-S/2 training step on the CPU allocates hundreds of them and spent
+    5-8% of its time there. True where glibc took
     the settings; elsewhere nothing changes."""
     import ctypes
 
