@@ -220,8 +220,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, axis: str):
         super().__init__()
         self.heads, self.axis = heads, axis
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = kernels.Linear(dim, 3 * dim)
+        self.proj = kernels.Linear(dim, dim)
 
     def forward(self, x, rope=None, num_images: int = 0):
         B, F, N, D = x.shape
@@ -258,7 +258,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = kernels.Linear(dim, hidden), kernels.Linear(hidden, dim)
 
     def forward(self, x):  # GELU in its tanh form (DiT); kernels.linear_gelu computes it faster on the CPU
         return self.fc2(kernels.linear_gelu(self.fc1, x))

@@ -4,7 +4,8 @@
     latte bench --model Latte-XL/2 --variants 1 --precisions bf16 --no-sampling --no-vae --grad-checkpoint
 
 What it measures, each figure the median of `repeats` timed runs after `warmup` untimed ones:
-  peak      large square torch.mm per precision (several sizes; the fastest is the limit the model is compared with);
+  peak      large square matmuls per precision, torch.mm and on the CPU oneDNN's, which kernels.Linear calls (several
+            sizes; the fastest kernel and size is the limit the model is compared with);
   model     forward and forward+backward of each variant: seconds per step, FLOP/s from Latte.flops (the matmuls
             and attention products; forward+backward counts 3x the forward, recomputation not counted),
             utilisation = FLOP/s / that matmul's FLOP/s timed again right after each step, and peak memory;
@@ -31,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from latte_cli import PRECISIONS, LatteError, autocast
+from latte_cli import PRECISIONS, LatteError, autocast, kernels
 from latte_cli.diffusion import Diffusion, classifier_free_guidance
 from latte_cli.vae import AutoencoderKL, VAEConfig
 from model import Latte, LatteConfig
@@ -168,23 +169,32 @@ def measure_each(fns: list[Callable], repeats: int, warmup: int, clock: Clock) -
 
 
 def matmul_peak(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device, run: Callable) -> dict:
-    """The fastest square n x n torch.mm of `sizes`: a single size understates the limit where it misses the
-    caches' sweet spot (on a 1 MiB-L2 EPYC, 4096 ran fp32 10% below 1024 and 3072, and below the model's own
-    linear layers)."""
+    """The fastest square n x n matmul of `sizes` and kernels: a single size understates the limit where it misses
+    the caches' sweet spot (on a 1 MiB-L2 EPYC, 4096 ran fp32 10% below 1024 and 3072, and below the model's own
+    linear layers), and torch.mm alone where oneDNN is faster (fp32 there: torch.mm calls MKL, 14% slower)."""
     rows = []
-    for n in sizes:
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        seconds = statistics.median(run(lambda a=a, b=b: torch.mm(a, b)))
-        rows.append({"n": n, "flops": 2 * n**3, "seconds": seconds, "flop_per_s": 2 * n**3 / seconds})
+    for name, matmul in matmuls(dtype, device).items():
+        for n in sizes:
+            a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+            seconds = statistics.median(run(lambda a=a, b=b, matmul=matmul: matmul(a, b)))
+            flops = 2 * n**3
+            rows.append({"kernel": name, "n": n, "flops": flops, "seconds": seconds, "flop_per_s": flops / seconds})
     best = max(rows, key=lambda r: r["flop_per_s"])
-    return {**best, "sizes": {r["n"]: r["flop_per_s"] for r in rows}}
+    return {**best, "all": {f"{r['kernel']} {r['n']}": r["flop_per_s"] for r in rows}}
+
+
+def matmuls(dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+    found = {"torch.mm": torch.mm}
+    if device.type == "cpu" and kernels.ONEDNN_LINEAR and dtype in kernels.FUSED_DTYPES:  # a b^T: the same FLOPs
+        found["oneDNN"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return found
 
 
 def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool, peak: dict,
               repeats: int, warmup: int, clock: Clock) -> dict:
     """One forward (no autograd), or one forward and backward of a scalar loss as a training step runs it:
     seconds, FLOP/s, peak memory, and the utilisation: FLOP/s over the matmul peak timed beside each run (the
-    fastest size again, right after every step), as a shared machine's speed drifts by 10% and more between
+    fastest kernel and size again, right after every step), as a shared machine's speed drifts by 10% and more between
     minutes: the model and its limit are measured in the same moments."""
     def forward():
         with torch.no_grad(), autocast(device.type, precision):
@@ -196,13 +206,14 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
         out.float().square().mean().backward()
         net.zero_grad(set_to_none=True)
 
-    a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=getattr(torch, PRECISIONS[precision]))
-            for _ in range(2))
+    dtype = getattr(torch, PRECISIONS[precision])
+    a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=dtype) for _ in range(2))
+    matmul = matmuls(dtype, device)[peak["kernel"]]
     calls = max(1, round(0.1 / peak["seconds"]))  # about 0.1 s of matmuls after each step
 
     def reference():
         for _ in range(calls):
-            torch.mm(a, b)
+            matmul(a, b)
 
     net.train(train)
     reset_peak_memory(device)
@@ -341,10 +352,12 @@ def print_tables(r: dict):
                   f"batch {s['batch']}, {s['frames']}x{s['channels']}x{s['size']}x{s['size']} latents; "
                   f"median of {s['repeats']} after {s['warmup']} warm-up")
     table = Table(title="matmul peak")
-    for col in ("dtype", "n", "TFLOP/s"):
+    for col in ("dtype", "kernel", "n", "TFLOP/s"):
         table.add_column(col, justify="right")
     for p, v in r["peak"].items():
-        table.add_row(p, str(v["n"]), f"{v['flop_per_s'] / 1e12:.3f}")
+        for name, rate in v["all"].items():
+            style = "bold" if name == f"{v['kernel']} {v['n']}" else None
+            table.add_row(p, *name.split(), f"{rate / 1e12:.3f}", style=style)
     console.print(table)
     table = Table(title="model")
     for col in ("variant", "dtype", "pass", "s/step", "TFLOP/s", "peak", "of peak", "memory"):

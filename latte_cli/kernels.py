@@ -1,7 +1,8 @@
 """Faster kernels for model.py on the CPU: the same functions as their plain PyTorch forms, computed in ways that
-measured faster there. model.py calls the two entry points below; each falls back to the plain form.
+measured faster there. model.py calls the entry points below; each falls back to the plain form.
 
   attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, or the products written out
+  Linear                 nn.Linear, its products through oneDNN
   linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, two compiled passes, or ATen's GELU
 
 Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32x32 (`latte bench`); the
@@ -25,6 +26,7 @@ def cpu_has_amx() -> bool:
 CPU_AMX = cpu_has_amx()
 FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
+ONEDNN_LINEAR = FUSED_GELU  # the same oneDNN entry point
 
 
 def cpu_dtype(x: torch.Tensor):
@@ -59,6 +61,45 @@ def attention(q, k, v):
 # fp32: 2.3x faster forward, 3.9x forward+backward at 16 (the same values: the bf16 softmax computes in fp32 and
 # rounds). Longer rows stay bf16, where the fp32 copy of the scores costs more.
 VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 0)
+
+
+# ------------------------------------------------------------------------------------------------- linear
+
+class Linear(torch.nn.Linear):
+    """nn.Linear whose products run through oneDNN on the CPU in fp32 and bf16, which measured faster there than
+    ATen's: the bias rides in the matmul's epilogue (bf16 addmm adds it in a pass of its own: 5-10% slower), and
+    fp32 ATen calls MKL, which ran this AMD CPU's matmuls at 65-85% of oneDNN's speed. The input gradient goes
+    through oneDNN too; the weight gradient stays with ATen, which was as fast or faster."""
+
+    def forward(self, x):
+        dtype = cpu_dtype(x)
+        if not (ONEDNN_LINEAR and dtype in FUSED_DTYPES) or torch.compiler.is_compiling():
+            return super().forward(x)
+        w, b = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        if torch.is_grad_enabled():
+            return OneDnnLinear.apply(x.to(dtype), w, b)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], "")
+
+
+class OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, g):  # g (..., out): x's gradient g w, w's g^T x, b's the sum of g
+        x, w = ctx.saved_tensors
+        g = g.reshape(-1, g.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.mkldnn._linear_pointwise(g, w.t(), None, "none", [], "").view(x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = g.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
 
 
 # --------------------------------------------------------------------------------------------------- GELU

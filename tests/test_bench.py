@@ -49,7 +49,9 @@ def test_bench_writes_a_complete_consistent_json(tmp_path, threads):
     assert set(r["peak"]) == {"fp32", "bf16"}
     for peak in r["peak"].values():
         assert peak["flops"] == 2 * peak["n"] ** 3 and rel_close(peak["flop_per_s"], peak["flops"] / peak["seconds"])
-        assert peak["flop_per_s"] == max(peak["sizes"].values()) and len(peak["sizes"]) == 2  # the fastest size
+        assert peak["flop_per_s"] == max(peak["all"].values()) and peak["all"][f"{peak['kernel']} {peak['n']}"]
+        kernels_timed = ("torch.mm", "oneDNN") if kernels.ONEDNN_LINEAR else ("torch.mm",)
+        assert set(peak["all"]) == {f"{k} {n}" for k in kernels_timed for n in (256, 512)}  # the fastest of all
 
     passes = {"forward": 1, "forward+backward": 3, "forward+backward (checkpointed)": 3}
     rows = {(v["variant"], v["precision"], v["pass"]): v for v in r["model"]}
@@ -208,6 +210,41 @@ def test_flop_counter_sees_the_fused_cpu_kernel():
     assert counts[0] == counts[1] == 2 * 2 * (2 * 3 * 16 * 16 * 8)
 
 
+@pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_onednn_linear_matches_aten(precision):
+    """kernels.Linear on the CPU (oneDNN's matmul, bias in its epilogue, and its own backward): nn.Linear's values
+    and gradients, against float64, in fp32 and under bf16 autocast, with and without autograd; fp32 weights get
+    fp32 gradients, and a frozen input gets none."""
+    torch.manual_seed(0)
+    layer = kernels.Linear(48, 40)
+    x = torch.randn(2, 3, 10, 48)
+    g = torch.randn(2, 3, 10, 40)
+    exact = torch.nn.Linear(48, 40).double()
+    exact.load_state_dict(layer.state_dict())
+    xd = x.double().requires_grad_()
+    ref = exact(xd)
+    ref.backward(g.double())
+    tol = 1e-5 if precision == torch.float32 else 2**-7  # relative to each tensor's largest value
+
+    def close(a, b):
+        return (a.double() - b).abs().max().item() <= tol * b.abs().max().item()
+
+    for x_grad in (True, False):
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_(x_grad)
+        with torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
+            out = layer(leaf)
+            with torch.no_grad():
+                inferred = layer(leaf)
+        assert out.dtype == inferred.dtype == precision and "OneDnnLinearBackward" in graph_nodes(out)
+        out.backward(g.to(precision))
+        assert close(out, ref) and close(inferred, ref)
+        assert layer.weight.grad.dtype == torch.float32 and close(layer.weight.grad, exact.weight.grad)
+        assert close(layer.bias.grad, exact.bias.grad)
+        assert close(leaf.grad, xd.grad) if x_grad else leaf.grad is None
+
+
 def test_fused_cpu_gelu_matches_aten(monkeypatch):
     """Without autograd on the CPU, Mlp runs fc1 + tanh-GELU as one oneDNN call: the same function as
     F.gelu(fc1(x), approximate="tanh"), in fp32 and under bf16 autocast, for the whole model."""
@@ -221,7 +258,7 @@ def test_fused_cpu_gelu_matches_aten(monkeypatch):
     x, t, y = torch.randn(2, 4, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 4])
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a),
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[3]) or original(*a),
                         raising=False)
     for precision in (torch.float32, torch.bfloat16):
         with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
@@ -231,7 +268,7 @@ def test_fused_cpu_gelu_matches_aten(monkeypatch):
             monkeypatch.setattr(kernels, "FUSED_GELU", True)
         tol = 1e-5 if precision == torch.float32 else 3e-2 * aten.abs().max().item()
         assert (fused - aten).abs().max().item() < tol
-    assert len(calls) == 2 * net.config.depth  # every block's MLP went through it, in both precisions
+    assert calls.count("gelu") == 2 * net.config.depth  # every block's MLP went through it, in both precisions
 
 
 def test_compiled_training_gelu_matches_aten(monkeypatch):
