@@ -107,21 +107,21 @@ class OneDnnLinear(torch.autograd.Function):
 def linear_gelu(fc1: torch.nn.Linear, x):
     """Fn.gelu(fc1(x), approximate="tanh"). ATen's tanh-GELU takes longer than the fc1 matmul on the CPU (~6x in
     bf16), so: without autograd, oneDNN applies the same GELU in the matmul's epilogue (with autograd, computing
-    fc1 twice, fused and plainly for the backward, cost as much as it saved); in bf16 training, two compiled
-    passes (training_gelu)."""
+    fc1 twice, fused and plainly for the backward, cost as much as it saved); in training, two compiled passes
+    (training_gelu)."""
     dtype = cpu_dtype(x)
     if FUSED_GELU and dtype in FUSED_DTYPES and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         w, b = fc1.weight.to(dtype), fc1.bias.to(dtype)  # (torch.compile makes its own fused kernel)
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "gelu", [], "tanh")
-    if dtype == torch.bfloat16 and torch.is_grad_enabled():
+    if dtype in FUSED_DTYPES and torch.is_grad_enabled():
         return training_gelu(fc1(x))
     return Fn.gelu(fc1(x), approximate="tanh")
 
 
-# Training in bf16 on the CPU: ATen's tanh-GELU kernels run far below the memory's speed there (12-13 ms each way on
-# a 4096x1536 tensor, as long as the fc1 matmul), so torch.compile writes one vectorised pass each way, in the form
-# 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): a bf16 training step of Latte-S/2
-# ran 7.7% faster.
+# Training on the CPU: ATen's tanh-GELU kernels run far below the memory's speed there (in bf16 12-13 ms each way on
+# a 4096x1536 tensor, as long as the fc1 matmul; in fp32 11-12 ms), so torch.compile writes one vectorised pass each
+# way, in the form 0.5 h (1 + tanh u) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): a training step of
+# Latte-S/2 ran 7.7% faster in bf16, 1.2-3.5% in fp32 (A/B of alternating steps).
 GELU_C = 2 * math.sqrt(2 / math.pi)  # 2u = h (GELU_C + GELU_C 0.044715 h^2)
 
 

@@ -272,9 +272,9 @@ def test_fused_cpu_gelu_matches_aten(monkeypatch):
 
 
 def test_compiled_training_gelu_matches_aten(monkeypatch):
-    """bf16 training on the CPU runs the tanh-GELU as two compiled passes of h sigmoid(2u) and its derivative:
-    the tanh formula's values and gradients (float32 to 1e-6, bf16 to its rounding), taken by Mlp; where compiling
-    fails, ATen's own GELU."""
+    """Training on the CPU runs the tanh-GELU as two compiled passes of h sigmoid(2u) and its derivative: the tanh
+    formula's values and gradients (float32 to 1e-6, bf16 to its rounding), taken by Mlp in fp32 and bf16; where
+    compiling fails, ATen's own GELU."""
     torch.manual_seed(0)
     h32, g32 = torch.randn(4000) * 3, torch.randn(4000)
     ref = F.gelu(h32.double(), approximate="tanh")
@@ -291,8 +291,9 @@ def test_compiled_training_gelu_matches_aten(monkeypatch):
                                             approximate="tanh")
     assert torch.allclose(h.grad.double(), ref_grad, rtol=2**-7, atol=2**-7)
 
-    with torch.autocast("cpu", torch.bfloat16):
-        assert "CompiledGeluBackward" in graph_nodes(Mlp(16, 64)(torch.randn(5, 16, requires_grad=True)))
+    for precision in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
+            assert "CompiledGeluBackward" in graph_nodes(Mlp(16, 64)(torch.randn(5, 16, requires_grad=True)))
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
