@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from latte_cli import LatteError, autocast
+from latte_cli import LatteError, autocast, kernels
 from latte_cli.diffusion import Diffusion, classifier_free_guidance, given_frames, randn
 from latte_cli.vae import load_vae
 from latte_cli.video import contact_sheet, write_video
@@ -149,7 +149,7 @@ def sample(cfg: SampleConfig) -> list[Path]:
                 return generate(net, diffusion, (len(ids), *shape), generators, cfg, y, given, mask, device,
                                 callback=lambda *_: bar.advance(task))
 
-            with mixed:
+            with mixed, kernels.frozen_weights():  # the weights stay as loaded: cast and reordered once
                 z = clip(key_model)
                 while z.shape[1] < keys:  # extend: the last frames become the next clip's given frames
                     clean = torch.cat([z[:, -context:], torch.zeros_like(z[:, : F - context])], dim=1)

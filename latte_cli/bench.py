@@ -6,9 +6,10 @@
 What it measures, each figure the median of `repeats` timed runs after `warmup` untimed ones:
   peak      large square matmuls per precision, torch.mm and on the CPU oneDNN's, which kernels.Linear calls (several
             sizes; the fastest kernel and size is the limit the model is compared with);
-  model     forward and forward+backward of each variant: seconds per step, FLOP/s from Latte.flops (the matmuls
-            and attention products; forward+backward counts 3x the forward, recomputation not counted),
-            utilisation = FLOP/s / that matmul's FLOP/s timed again right after each step, and peak memory;
+  model     forward (as sampling runs it: kernels.frozen_weights) and forward+backward of each variant: seconds per
+            step, FLOP/s from Latte.flops (the matmuls and attention products; forward+backward counts 3x the
+            forward, recomputation not counted), utilisation = FLOP/s / that matmul's FLOP/s timed again right
+            after each step, and peak memory;
   sampling  seconds per DDIM step without and with classifier-free guidance, and one whole video (50 DDIM steps,
             guided, then VAE decoding) split into model calls, VAE decoder calls and the rest (guidance, the
             sampler's arithmetic, VAE chunking);
@@ -217,7 +218,8 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
 
     net.train(train)
     reset_peak_memory(device)
-    times, beside = measure_each([forward_backward if train else forward, reference], repeats, warmup, clock)
+    with kernels.frozen_weights():  # forward as sample.py runs it (training takes no notice)
+        times, beside = measure_each([forward_backward if train else forward, reference], repeats, warmup, clock)
     flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
     seconds = statistics.median(times)
     peak_rate = calls * peak["flops"] / statistics.median(beside)
@@ -276,7 +278,7 @@ def sample_times(net: Latte, autoencoder: AutoencoderKL, shape: tuple, precision
                 inside.append(model_timer.seconds)
 
             diffusion = Diffusion(learn_sigma=net.config.learn_sigma, respacing=f"ddim{n}")
-            with autocast(device.type, precision):
+            with autocast(device.type, precision), kernels.frozen_weights():  # as sample.py runs it
                 z = diffusion.ddim_sample_loop(fn, shape, model_kwargs={"y": y}, device=device, callback=tick,
                                                generator=torch.Generator().manual_seed(0))
             per_step = lambda v: [b - a for a, b in zip(v[:-1], v[1:], strict=True)][-keep:]

@@ -9,6 +9,7 @@ Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32
 README's performance section has the figures.
 """
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -75,10 +76,37 @@ class Linear(torch.nn.Linear):
         dtype = cpu_dtype(x)
         if not (ONEDNN_LINEAR and dtype in FUSED_DTYPES) or torch.compiler.is_compiling():
             return super().forward(x)
-        w, b = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
         if torch.is_grad_enabled():
+            w, b = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
             return OneDnnLinear.apply(x.to(dtype), w, b)
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *inference_weights(self, dtype), "none", [], "")
+
+
+FROZEN = None  # inside frozen_weights(): {layer: (key, weight, bias)}
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """For sampling, where the weights do not change: inside, a Linear called without autograd casts its weight
+    once and keeps it reordered into oneDNN's blocked layout (2-7% faster matmuls than the plain layout, measured
+    in both dtypes, and no cast per call), until the weight changes in place or the block ends."""
+    global FROZEN
+    outer, FROZEN = FROZEN, {} if FROZEN is None else FROZEN
+    try:
+        yield
+    finally:
+        FROZEN = outer
+
+
+def inference_weights(layer: torch.nn.Linear, dtype):
+    w, b = layer.weight, layer.bias
+    if FROZEN is None:
+        return w.to(dtype), None if b is None else b.to(dtype)
+    key = (dtype, w.data_ptr(), w._version, None if b is None else b._version)  # in-place updates move _version
+    if layer not in FROZEN or FROZEN[layer][0] != key:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype))
+        FROZEN[layer] = key, packed, None if b is None else b.detach().to(dtype)
+    return FROZEN[layer][1:]
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -111,7 +139,7 @@ def linear_gelu(fc1: torch.nn.Linear, x):
     (training_gelu)."""
     dtype = cpu_dtype(x)
     if FUSED_GELU and dtype in FUSED_DTYPES and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        w, b = fc1.weight.to(dtype), fc1.bias.to(dtype)  # (torch.compile makes its own fused kernel)
+        w, b = inference_weights(fc1, dtype)  # (torch.compile makes its own fused kernel)
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "gelu", [], "tanh")
     if dtype in FUSED_DTYPES and torch.is_grad_enabled():
         return training_gelu(fc1(x))

@@ -245,6 +245,38 @@ def test_onednn_linear_matches_aten(precision):
         assert close(leaf.grad, xd.grad) if x_grad else leaf.grad is None
 
 
+@pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_frozen_weights_are_reordered_once_and_follow_updates(precision):
+    """Inside frozen_weights() (sampling), Linear and linear_gelu without autograd reuse one cast, reordered copy
+    of each weight: nn.Linear's values, the copy made once, made again after an in-place update of the weight
+    (an optimiser step or load_state_dict), and dropped when the block ends."""
+    torch.manual_seed(0)
+    layer, x = kernels.Linear(48, 40), torch.randn(2, 7, 48)
+    tol = 1e-5 if precision == torch.float32 else 2**-7
+
+    def expected():
+        out = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        return out, F.gelu(out, approximate="tanh")
+
+    def close(a, b):
+        return (a.double() - b).abs().max().item() <= tol * b.abs().max().item()
+
+    with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
+        with kernels.frozen_weights():
+            assert close(layer(x), expected()[0]) and close(kernels.linear_gelu(layer, x), expected()[1])
+            packed = kernels.FROZEN[layer][1]
+            assert packed.is_mkldnn and packed.dtype == precision
+            layer(x)
+            with kernels.frozen_weights():  # nested: the same copies
+                layer(x)
+            assert kernels.FROZEN[layer][1] is packed  # reused, not made again
+            layer.weight.mul_(-2)  # in place, as an optimiser step or load_state_dict writes
+            assert close(layer(x), expected()[0]) and close(kernels.linear_gelu(layer, x), expected()[1])
+            assert kernels.FROZEN[layer][1] is not packed
+        assert kernels.FROZEN is None
+
+
 def test_fused_cpu_gelu_matches_aten(monkeypatch):
     """Without autograd on the CPU, Mlp runs fc1 + tanh-GELU as one oneDNN call: the same function as
     F.gelu(fc1(x), approximate="tanh"), in fp32 and under bf16 autocast, for the whole model."""
