@@ -89,7 +89,8 @@ FROZEN = None  # inside frozen_weights(): {layer: (key, weight, bias)}
 def frozen_weights():
     """For sampling, where the weights do not change: inside, a Linear called without autograd casts its weight
     once and keeps it reordered into oneDNN's blocked layout (2-7% faster matmuls than the plain layout, measured
-    in both dtypes, and no cast per call), until the weight changes in place or the block ends."""
+    in both dtypes, and no cast per call), until the weight changes in place (optimiser steps, load_state_dict,
+    copy_ under no_grad; a change through .data goes unseen) or the block ends."""
     global FROZEN
     outer, FROZEN = FROZEN, {} if FROZEN is None else FROZEN
     try:
@@ -98,7 +99,7 @@ def frozen_weights():
         FROZEN = outer
 
 
-def inference_weights(layer: torch.nn.Linear, dtype):
+def inference_weights(layer: torch.nn.Linear, dtype):  # (weight, bias) in dtype for a call without autograd
     w, b = layer.weight, layer.bias
     if FROZEN is None:
         return w.to(dtype), None if b is None else b.to(dtype)
