@@ -212,10 +212,15 @@ def test_flop_counter_sees_the_fused_cpu_kernel():
 
 @pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
 @pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
-def test_onednn_linear_matches_aten(precision):
+def test_onednn_linear_matches_aten(precision, monkeypatch):
     """kernels.Linear on the CPU (oneDNN's matmul, bias in its epilogue, and its own backward): nn.Linear's values
     and gradients, against float64, in fp32 and under bf16 autocast, with and without autograd; fp32 weights get
-    fp32 gradients, and a frozen input gets none."""
+    fp32 gradients, and a frozen input gets none. The backward's oneDNN calls: the input gradient's, and in fp32
+    the weight gradient's."""
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or original(*a),
+                        raising=False)
     torch.manual_seed(0)
     layer = kernels.Linear(48, 40)
     x = torch.randn(2, 3, 10, 48)
@@ -238,7 +243,10 @@ def test_onednn_linear_matches_aten(precision):
             with torch.no_grad():
                 inferred = layer(leaf)
         assert out.dtype == inferred.dtype == precision and "OneDnnLinearBackward" in graph_nodes(out)
+        calls.clear()
         out.backward(g.to(precision))
+        weight_grad = [(40, 60)] if precision in kernels.ONEDNN_WEIGHT_GRAD else []  # g^T (out, tokens)
+        assert calls == ([(60, 40)] if x_grad else []) + weight_grad
         assert close(out, ref) and close(inferred, ref)
         assert layer.weight.grad.dtype == torch.float32 and close(layer.weight.grad, exact.weight.grad)
         assert close(layer.bias.grad, exact.bias.grad)
