@@ -1,7 +1,8 @@
 """Faster kernels for model.py on the CPU: the same functions as their plain PyTorch forms, computed in ways that
 measured faster there. model.py calls the entry points below; each falls back to the plain form.
 
-  attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, or the products written out
+  attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, the products written out, or (fp32,
+                         long rows) a matrix at a time through oneDNN
   Linear                 nn.Linear, its products through oneDNN
   linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, two compiled passes, or ATen's GELU
 
@@ -41,12 +42,15 @@ def cpu_dtype(x: torch.Tensor):
 # ---------------------------------------------------------------------------------------------- attention
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh). torch's fused kernel, except on the CPU below fp32: there
+    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh). On the CPU in fp32 with rows of 128 and more, one matrix at a
+    time through oneDNN (LoopedAttention, below). Otherwise torch's fused kernel, except on the CPU below fp32: there
     the products written out measured faster (bf16: spatial attention 1.8x and temporal 8x in training, 1.5x in
     a forward), but for a forward on a CPU with AMX tiles, where the fused kernel was the faster one.
     Written out, q, k and v are first copied out of the strided qkv projection (the batched products would copy
     them anyway, operand by operand), and the 1/sqrt(Dh) rides on the q k^T product instead of a pass over q."""
-    training = torch.is_grad_enabled() and q.requires_grad
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if looped_attention_fits(q):
+        return LoopedAttention.apply(q, k, v) if training else looped_attention(q, k, v)[0]
     if not (q.device.type == "cpu" and q.dtype != torch.float32 and (training or not CPU_AMX)):
         return Fn.scaled_dot_product_attention(q, k, v)
     out_shape = (*q.shape[:-1], v.shape[-1])
@@ -63,6 +67,63 @@ def attention(q, k, v):
 # fp32: 2.3x faster forward, 3.9x forward+backward at 16 (the same values: the bf16 softmax computes in fp32 and
 # rounds). Longer rows stay bf16, where the fp32 copy of the scores costs more.
 VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 0)
+
+
+# fp32 attention over long rows (spatial attention) runs a (batch, head) matrix at a time through oneDNN's matmul:
+# torch's fused kernel computes its fp32 products with MKL, which runs this AMD CPU's matmuls at under half of
+# oneDNN's speed. Spatial attention of Latte-S/2 (96 matrices of 256 x 64): forward 1.24x, forward+backward 1.4x;
+# a training step 3-4.6% faster, a forward 1.5-3.3% (A/B of alternating steps). It keeps the probabilities for the
+# backward (the fused kernel recomputes them): 25 MB per spatial layer of Latte-S/2 at batch 1. Each product is
+# small, so short rows (temporal attention) and many threads, which would split one product too finely (at two
+# threads the gain on the attention alone was 4-8%), keep the fused kernel; bf16 too (the loop was 30% slower).
+LOOP_MIN_LENGTH, LOOP_MAX_THREADS = 128, 2
+
+
+def looped_attention_fits(q) -> bool:
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and ONEDNN_LINEAR and q.shape[-2] >= LOOP_MIN_LENGTH
+            and torch.get_num_threads() <= LOOP_MAX_THREADS and not torch.compiler.is_compiling())
+
+
+def mm_t(a, b):  # a b^T through oneDNN
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def looped_attention(q, k, v, keep_probs: bool = False):
+    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh), one matrix at a time; with what a backward needs: q scaled,
+    k, v (all (n, L, Dh)) and, if kept, the probabilities."""
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    q = (q * q.shape[-1] ** -0.5).flatten(0, -3)  # the copy out of the strided qkv, scaled on the way
+    k, v = (t.contiguous().flatten(0, -3) for t in (k, v))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    probs = q.new_empty(*q.shape[:-1], k.shape[-2]) if keep_probs else q.new_empty(1, q.shape[-2], k.shape[-2])
+    for i in range(len(q)):
+        p = probs[i if keep_probs else 0]
+        torch.softmax(mm_t(q[i], k[i]), -1, out=p)
+        out[i] = mm_t(p, v[i].t())
+    return out.view(out_shape), (q, k, v, probs)
+
+
+class LoopedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, saved = looped_attention(q, k, v, keep_probs=True)
+        ctx.save_for_backward(*saved)
+        ctx.shapes = q.shape, k.shape, v.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # s = q_scaled k^T, p = softmax(s), out = p v
+        q, k, v, probs = ctx.saved_tensors
+        g = g.reshape(len(q), *g.shape[-2:])
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for i in range(len(q)):
+            p = probs[i]
+            dv[i] = mm_t(p.t(), g[i].t())                                              # p^T g
+            ds = torch._softmax_backward_data(mm_t(g[i], v[i]), p, -1, p.dtype)        # (g v^T) through softmax
+            dq[i] = mm_t(ds, k[i].t())                                                 # ds k
+            dk[i] = mm_t(ds.t(), q[i].t())                                             # ds^T q_scaled
+        dq *= q.shape[-1] ** -0.5
+        return tuple(d.view(shape) for d, shape in zip((dq, dk, dv), ctx.shapes, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------- linear

@@ -132,8 +132,8 @@ def test_written_out_attention_matches_the_fused_kernel():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grad", [True, False])
 def test_cpu_attention_path_follows_the_dtype(dtype, grad):
-    """The path attention() takes on the CPU: fp32 the fused kernel; bf16 the written-out products, except for a
-    forward on a CPU with AMX tiles. Both give the fused kernel's values to the dtype's precision."""
+    """The path attention() takes on the CPU for short rows: fp32 the fused kernel; bf16 the written-out products,
+    except for a forward on a CPU with AMX tiles. Both give the fused kernel's values to the dtype's precision."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 16, 8, dtype=dtype, requires_grad=grad) for _ in range(3))
     with torch.profiler.profile() as prof:
@@ -149,6 +149,39 @@ def graph_nodes(out):
     for node in nodes:  # the whole autograd graph, breadth first
         nodes += [f for f, _ in node.next_functions if f is not None and f not in nodes]
     return [node.name() for node in nodes]
+
+
+@pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this torch has no oneDNN matmul")
+def test_looped_fp32_attention_matches_float64(monkeypatch):
+    """fp32 attention over rows of 128 and more runs a matrix at a time through oneDNN (LoopedAttention): float64
+    attention's values and gradients to fp32 precision, for q, k, v strided as the model passes them, with and
+    without autograd. Shorter rows, and more threads than LOOP_MAX_THREADS, keep the fused kernel."""
+    monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads())
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 130, 3, 4, 16, dtype=torch.float64)  # B L 3 h Dh, as the qkv projection lays it out
+    g = torch.randn(2, 4, 130, 16, dtype=torch.float64)
+
+    def run(dtype):
+        leaf = qkv.to(dtype, copy=True).requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in leaf.unbind(2))  # B h L Dh, strided
+        out = attention(q, k, v)
+        out.backward(g.to(dtype))
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            inferred = attention(q, k, v)
+        fused = any("scaled_dot_product" in e.name for e in prof.events())
+        return out, leaf.grad, inferred, fused, graph_nodes(out)
+
+    def rel(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    out, grad, inferred, fused, nodes = run(torch.float32)
+    ref, ref_grad, *_ = run(torch.float64)
+    assert "LoopedAttentionBackward" in nodes and not fused
+    assert rel(out, ref) < 1e-5 and rel(inferred, ref) < 1e-5 and rel(grad, ref_grad) < 1e-5
+    q = qkv.float()[:, :, 0].transpose(1, 2)
+    assert kernels.looped_attention_fits(q) and not kernels.looped_attention_fits(q[:, :, :100])
+    monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads() - 1)
+    assert not kernels.looped_attention_fits(q)
 
 
 @pytest.mark.skipif(not kernels.VECTOR_BYTES, reason="x86 vector width only")
