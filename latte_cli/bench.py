@@ -187,7 +187,7 @@ def matmul_peak(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device
 def matmuls(dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
     found = {"torch.mm": torch.mm}
     if device.type == "cpu" and kernels.ONEDNN_LINEAR and dtype in kernels.FUSED_DTYPES:  # a b^T: the same FLOPs
-        found["oneDNN"] = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        found["oneDNN"] = kernels.mm_t
     return found
 
 

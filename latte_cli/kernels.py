@@ -39,6 +39,10 @@ def cpu_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+def mm_t(a, b):  # a b^T through oneDNN's matmul (the linear layers' entry point, no bias or epilogue)
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
 # ---------------------------------------------------------------------------------------------- attention
 
 def attention(q, k, v):
@@ -82,10 +86,6 @@ LOOP_MIN_LENGTH, LOOP_MAX_THREADS = 128, 2
 def looped_attention_fits(q) -> bool:
     return (q.device.type == "cpu" and q.dtype == torch.float32 and ONEDNN_LINEAR and q.shape[-2] >= LOOP_MIN_LENGTH
             and torch.get_num_threads() <= LOOP_MAX_THREADS and not torch.compiler.is_compiling())
-
-
-def mm_t(a, b):  # a b^T through oneDNN
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 def looped_attention(q, k, v, keep_probs: bool = False):
@@ -186,11 +186,10 @@ class OneDnnLinear(torch.autograd.Function):
         g = g.reshape(-1, g.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.mkldnn._linear_pointwise(g, w.t(), None, "none", [], "").view(x.shape)
+            gx = mm_t(g, w.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
             x = x.reshape(-1, x.shape[-1])
-            gw = (torch.ops.mkldnn._linear_pointwise(g.t(), x.t(), None, "none", [], "")
-                  if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x)
+            gw = mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
