@@ -53,6 +53,13 @@ class LatteConfig:
     cond_frames: bool = False     # an extra mask channel marks given frames (long videos: extension, interpolation)
 
     def __post_init__(self):
+        sizes = ("input_size", "in_channels", "num_frames", "patch_size", "hidden_size", "depth", "num_heads",
+                 "tube_stride")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.num_classes < 0 or self.mlp_ratio <= 0:
+            raise ValueError("num_classes must be 0 or more and mlp_ratio above 0")
         if self.variant not in (1, 2, 3, 4):
             raise ValueError(f"variant must be 1, 2, 3 or 4, not {self.variant}")
         if self.patch_embed not in ("uniform", "tube"):

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from latte_cli import LatteError, autocast, kernels
+from latte_cli import LatteError, autocast, kernels, resolve_device
 from latte_cli.diffusion import Diffusion, classifier_free_guidance, given_frames, randn
 from latte_cli.vae import load_vae
 from latte_cli.video import contact_sheet, write_video
@@ -83,7 +83,7 @@ def resolve_labels(requested: list[str], num_classes: int, names: list[str], num
 @torch.no_grad()
 def sample(cfg: SampleConfig) -> list[Path]:
     """Make cfg.num videos; returns the mp4 paths, then the contact sheet's."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(cfg.device))
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if cfg.sampler not in ("ddpm", "ddim"):
         raise LatteError(f"--sampler must be ddpm or ddim, not {cfg.sampler!r}")

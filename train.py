@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from encode import load_index
-from latte_cli import LatteError, autocast
+from latte_cli import LatteError, autocast, check_compiler, resolve_device
 from latte_cli.diffusion import Diffusion, given_frames
 from model import Latte, LatteConfig, read_checkpoint
 
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     else:
-        device = cfg.device
+        device = str(resolve_device(cfg.device))
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -372,6 +372,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.grad_checkpoint:
         net.gradient_checkpointing = True
     if cfg.compile:
+        check_compiler(device)
         net = torch.compile(net)
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device_type == "cuda" else None)

@@ -13,6 +13,37 @@ def autocast(device_type: str, precision: str):
     return nullcontext() if precision == "fp32" else torch.autocast(device_type, getattr(torch, PRECISIONS[precision]))
 
 
+def resolve_device(name: str):
+    """--device: auto (CUDA where there is one, else the CPU), cpu, cuda or cuda:N, checked; a torch.device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise LatteError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LatteError(f"device {name} asked for, but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LatteError(f"device {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def check_compiler(device) -> None:
+    """--compile: torch.compile a tiny function on the device now (it needs a C++ compiler on the CPU, Triton on
+    CUDA), so that a missing piece is a one-line error here instead of a traceback in the middle of the run."""
+    import torch
+
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001 - whatever the compiler stack raises
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LatteError(f"--compile: torch.compile does not work here ({type(e).__name__}: {first})") from None
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep freed blocks of up to 32 MiB for reuse instead of handing each back to the kernel. By default
     an activation over 128 KiB is a fresh mmap whose pages fault in again on first touch (glibc raises that limit

@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from latte_cli import PRECISIONS, LatteError, autocast, kernels
+from latte_cli import PRECISIONS, LatteError, autocast, check_compiler, kernels, resolve_device
 from latte_cli.diffusion import Diffusion, classifier_free_guidance
 from latte_cli.vae import AutoencoderKL, VAEConfig
 from model import Latte, LatteConfig
@@ -50,31 +50,28 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
           threads: int | None = None) -> dict:
     """Measure, print the tables, write `out` (JSON) and return what it holds. quick: a smoke run (a small
     matmul, at most 2 repeats and 1 warm-up, a 2-step video, a tiny VAE). threads: torch's CPU threads."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LatteError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LatteError(f"device {device} asked for, but CUDA is not available")
+    dev = resolve_device(device)
     for p in precisions:
         if p not in PRECISIONS or (p == "fp16" and dev.type != "cuda"):
             raise LatteError(f"precision {p!r} is not available on {dev.type} (fp32, bf16; fp16 on CUDA)")
     if not variants or any(v not in (1, 2, 3, 4) for v in variants):
         raise LatteError(f"variants must be among 1, 2, 3, 4, not {tuple(variants)}")
-    if repeats < 1 or warmup < 0 or batch < 1:
-        raise LatteError("repeats and batch must be at least 1 and warmup at least 0")
-    if not Path(out).parent.is_dir():
-        raise LatteError(f"the folder of --out {out} does not exist")
+    if repeats < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
+        raise LatteError("repeats, batch and threads must be at least 1 and warmup at least 0")
+    out = Path(out)
+    if not out.parent.is_dir() or out.is_dir() or not os.access(out.parent, os.W_OK):
+        raise LatteError(f"--out {out}: not a file name in a writable folder")
     if threads:  # for the whole process, as torch's setting is
         torch.set_num_threads(threads)
     if dev.type == "cuda":  # as train.py: TF32 matmuls count as fp32 there, in the peak too
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if quick:
         repeats, warmup = min(repeats, 2), min(warmup, 1)
-    overrides = {k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items() if v}
+    overrides = {k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items()
+                 if v is not None}
     configs = {v: preset(model, v, frames, size, channels, **overrides) for v in variants}  # bad options fail now
+    if compile:
+        check_compiler(dev)
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     clock = Clock(dev)
     run = lambda fn: measure(fn, repeats, warmup, clock)
@@ -122,7 +119,6 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
             result["vae"][p] = {"vae": vae_name, **vae_rates(autoencoder, 1 if quick else 2, size, p, dev, run)}
 
     result["machine"]["load_average_after"] = load_average()
-    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
@@ -145,11 +141,11 @@ class Clock:
     """Wall-clock seconds of device work: CUDA is synchronised before each reading."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
 
     def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
 
@@ -208,7 +204,6 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
         net.zero_grad(set_to_none=True)
 
     dtype = getattr(torch, PRECISIONS[precision])
-    a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=dtype) for _ in range(2))
     matmul = matmuls(dtype, device)[peak["kernel"]]
     calls = max(1, round(0.1 / peak["seconds"]))  # about 0.1 s of matmuls after each step
 
@@ -217,15 +212,19 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
             matmul(a, b)
 
     net.train(train)
-    reset_peak_memory(device)
+    step = forward_backward if train else forward
     with kernels.frozen_weights():  # forward as sample.py runs it (training takes no notice)
-        times, beside = measure_each([forward_backward if train else forward, reference], repeats, warmup, clock)
+        reset_peak_memory(device)
+        step()  # the first warm-up run, alone: the peak memory is the step's, without the reference's matrices
+        memory = peak_memory(device)
+        a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=dtype) for _ in range(2))
+        times, beside = measure_each([step, reference], repeats, max(warmup - 1, 0), clock)
     flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
     seconds = statistics.median(times)
     peak_rate = calls * peak["flops"] / statistics.median(beside)
     return {"depth": net.config.depth, "params": sum(p.numel() for p in net.parameters()), "flops": flops,
             "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds, "peak_flop_per_s": peak_rate,
-            "utilisation": flops / seconds / peak_rate, "peak_memory": peak_memory(device)}
+            "utilisation": flops / seconds / peak_rate, "peak_memory": memory}
 
 
 def vae_rates(autoencoder: AutoencoderKL, frames: int, size: int, precision: str, device: torch.device,

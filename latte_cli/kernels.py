@@ -11,6 +11,7 @@ README's performance section has the figures.
 """
 
 import contextlib
+import contextvars
 import math
 from pathlib import Path
 
@@ -27,8 +28,11 @@ def cpu_has_amx() -> bool:
 
 CPU_AMX = cpu_has_amx()
 FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-FUSED_DTYPES = (torch.float32, torch.bfloat16)
 ONEDNN_LINEAR = FUSED_GELU  # the same oneDNN entry point
+# dtypes that oneDNN's matmul takes here: bf16 needs AVX-512 (or AMX) on x86; without it bf16 stays with ATen
+FUSED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                   else ())
+GELU_DTYPES = (torch.float32, torch.bfloat16)  # the compiled training GELU (any CPU)
 ONEDNN_WEIGHT_GRAD = (torch.float32,)  # dtypes whose weight gradient goes through oneDNN too
 
 
@@ -39,6 +43,13 @@ def cpu_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+def onednn(dtype) -> bool:
+    """Whether a CPU product in dtype goes through oneDNN now: a dtype it takes, oneDNN not switched off
+    (torch.backends.mkldnn.flags), and not inside torch.compile, which makes its own kernels."""
+    return (ONEDNN_LINEAR and dtype in FUSED_DTYPES and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.enabled)
+
+
 def mm_t(a, b):  # a b^T through oneDNN's matmul (the linear layers' entry point, no bias or epilogue)
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
@@ -46,12 +57,13 @@ def mm_t(a, b):  # a b^T through oneDNN's matmul (the linear layers' entry point
 # ---------------------------------------------------------------------------------------------- attention
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh). On the CPU in fp32 with rows of 128 and more, one matrix at a
-    time through oneDNN (LoopedAttention, below). Otherwise torch's fused kernel, except on the CPU below fp32: there
-    the products written out measured faster (bf16: spatial attention 1.8x and temporal 8x in training, 1.5x in
-    a forward), but for a forward on a CPU with AMX tiles, where the fused kernel was the faster one.
-    Written out, q, k and v are first copied out of the strided qkv projection (the batched products would copy
-    them anyway, operand by operand), and the 1/sqrt(Dh) rides on the q k^T product instead of a pass over q."""
+    """softmax(q k^T / sqrt(Dh)) v over (..., L, Dh). On the CPU in fp32 with rows of 128 and more and one or two
+    threads, one matrix at a time through oneDNN (LoopedAttention, below; not under torch.compile). Otherwise
+    torch's fused kernel, except on the CPU in other dtypes than fp32: there the products written out measured
+    faster (bf16: spatial attention 1.8x and temporal 8x in training, 1.5x in a forward), but for a forward on a CPU
+    with AMX tiles, where the fused kernel was the faster one. Written out, q, k and v are first copied out of the
+    strided qkv projection (the batched products would copy them anyway, operand by operand), and the 1/sqrt(Dh)
+    rides on the q k^T product instead of a pass over q."""
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if looped_attention_fits(q):
         return LoopedAttention.apply(q, k, v) if training else looped_attention(q, k, v)[0]
@@ -84,8 +96,8 @@ LOOP_MIN_LENGTH, LOOP_MAX_THREADS = 128, 2
 
 
 def looped_attention_fits(q) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and ONEDNN_LINEAR and q.shape[-2] >= LOOP_MIN_LENGTH
-            and torch.get_num_threads() <= LOOP_MAX_THREADS and not torch.compiler.is_compiling())
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-2] >= LOOP_MIN_LENGTH and onednn(q.dtype)
+            and torch.get_num_threads() <= LOOP_MAX_THREADS)  # (the compile check first: no graph break)
 
 
 def looped_attention(q, k, v, keep_probs: bool = False):
@@ -137,7 +149,7 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x):
         dtype = cpu_dtype(x)
-        if not (ONEDNN_LINEAR and dtype in FUSED_DTYPES) or torch.compiler.is_compiling():
+        if not onednn(dtype):
             return super().forward(x)
         if torch.is_grad_enabled():
             w, b = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
@@ -145,7 +157,7 @@ class Linear(torch.nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *inference_weights(self, dtype), "none", [], "")
 
 
-FROZEN = None  # inside frozen_weights(): {layer: (key, weight, bias)}
+FROZEN = contextvars.ContextVar("frozen_weights", default=None)  # inside frozen_weights(): {layer: (key, w, b)}
 
 
 @contextlib.contextmanager
@@ -153,24 +165,25 @@ def frozen_weights():
     """For sampling, where the weights do not change: inside, a Linear called without autograd casts its weight
     once and keeps it reordered into oneDNN's blocked layout (2-7% faster matmuls than the plain layout, measured
     in both dtypes, and no cast per call), until the weight changes in place (optimiser steps, load_state_dict,
-    copy_ under no_grad; a change through .data goes unseen) or the block ends."""
-    global FROZEN
-    outer, FROZEN = FROZEN, {} if FROZEN is None else FROZEN
+    copy_ under no_grad; a change through .data goes unseen) or the block ends. The copies belong to the thread
+    that opened the block."""
+    token = FROZEN.set({} if FROZEN.get() is None else FROZEN.get())
     try:
         yield
     finally:
-        FROZEN = outer
+        FROZEN.reset(token)
 
 
 def inference_weights(layer: torch.nn.Linear, dtype):  # (weight, bias) in dtype for a call without autograd
     w, b = layer.weight, layer.bias
-    if FROZEN is None:
+    frozen = FROZEN.get()
+    if frozen is None or any(t is not None and t.is_inference() for t in (w, b)):  # (these keep no _version)
         return w.to(dtype), None if b is None else b.to(dtype)
     key = (dtype, w.data_ptr(), w._version, None if b is None else b._version)  # in-place updates move _version
-    if layer not in FROZEN or FROZEN[layer][0] != key:
+    if layer not in frozen or frozen[layer][0] != key:
         packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype))
-        FROZEN[layer] = key, packed, None if b is None else b.detach().to(dtype)
-    return FROZEN[layer][1:]
+        frozen[layer] = key, packed, None if b is None else b.detach().to(dtype)
+    return frozen[layer][1:]
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -203,10 +216,10 @@ def linear_gelu(fc1: torch.nn.Linear, x):
     fc1 twice, fused and plainly for the backward, cost as much as it saved); in training, two compiled passes
     (training_gelu)."""
     dtype = cpu_dtype(x)
-    if FUSED_GELU and dtype in FUSED_DTYPES and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if FUSED_GELU and not torch.is_grad_enabled() and onednn(dtype):
         w, b = inference_weights(fc1, dtype)  # (torch.compile makes its own fused kernel)
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "gelu", [], "tanh")
-    if dtype in FUSED_DTYPES and torch.is_grad_enabled():
+    if dtype in GELU_DTYPES and torch.is_grad_enabled():
         return training_gelu(fc1(x))
     return Fn.gelu(fc1(x), approximate="tanh")
 
@@ -254,7 +267,11 @@ def training_gelu(h):
     if COMPILED_GELU is None:
         try:  # compile both now, on this shape, so that a missing compiler shows here and not mid-backward
             COMPILED_GELU = tuple(torch.compile(f, dynamic=True) for f in (gelu_forward, gelu_backward))
-            COMPILED_GELU[1](COMPILED_GELU[0](h.detach()), h.detach())
+            w = h.detach().requires_grad_(h.requires_grad)  # as CompiledGelu calls them (else they compile again):
+            with torch.no_grad():  # no autograd, the forward under the caller's autocast, the backward as
+                y = COMPILED_GELU[0](w)  # loss.backward() runs it, without autocast
+                with torch.autocast("cpu", enabled=False):
+                    COMPILED_GELU[1](y, w)
         except Exception:  # noqa: BLE001 - any failure of the compiler leaves the (same) ATen function
             COMPILED_GELU = False
     return CompiledGelu.apply(h) if COMPILED_GELU else Fn.gelu(h, approximate="tanh")
@@ -264,9 +281,9 @@ def training_gelu(h):
 
 def count_cpu_kernel_flops():
     """torch's FlopCounterMode counts the fused CUDA attention kernels but not the CPU one that attention()
-    reaches: give it the same count, q k^T and a v at 2 FLOPs per multiply-add (the backward recomputes a and
-    takes 3 more products), so that the counter checks Latte.flops on any device. Likewise the oneDNN
-    linear + GELU of linear_gelu()."""
+    reaches: give it the same count, q k^T and a v at 2 FLOPs per multiply-add (the backward recomputes q k^T and
+    takes 4 more products, the gradients of a, v, q and k), so that the counter checks Latte.flops on any device.
+    Likewise the oneDNN linear + GELU of linear_gelu()."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     if FUSED_GELU and torch.ops.mkldnn._linear_pointwise not in flop_registry:

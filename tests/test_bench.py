@@ -4,14 +4,17 @@ never for speed), and the model's fast paths against the plain formulas they rep
 import ctypes
 import ctypes.util
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
@@ -101,12 +104,44 @@ def test_bench_options_select_what_is_measured(tmp_path, threads):
     assert r["model"][0]["flops"] == net.flops(4, batch=2) == 2 * net.flops(4)
 
 
-@pytest.mark.parametrize("args,message", [(["--precisions", "fp64"], "precision"), (["--variants", "5"], "variants"),
-                                          (["--variants", "one"], "variants"), (["--hidden-size", "65"], "divisible")])
+@pytest.mark.parametrize("args,message", [
+    (["--precisions", "fp64"], "precision"), (["--variants", "5"], "variants"), (["--variants", "one"], "variants"),
+    (["--hidden-size", "65"], "divisible"), (["--threads", "-1"], "threads"), (["--depth", "-2"], "depth"),
+    (["--depth", "0"], "depth"), (["--num-heads", "0"], "num_heads"), (["--size", "0"], "input_size"),
+    (["--channels", "0"], "in_channels"), (["--device", "meta"], "unknown device"), (["--device", "cuda:7"], "cuda:7"),
+    (["--out", "."], "not a file name")])
 def test_bench_bad_options_are_one_line_errors(tmp_path, args, message, threads):
     result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "x.json"), *TINY, *args])
-    assert result.exit_code == 1 and message in result.output
-    assert not (tmp_path / "x.json").exists()
+    assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists() and not list(tmp_path.iterdir())
+
+
+def test_bench_compile_without_a_compiler_is_a_one_line_error(tmp_path, threads, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    result = CliRunner().invoke(app, ["bench", "--quick", "--compile", "--out", str(tmp_path / "x.json"), *TINY])
+    assert result.exit_code == 1 and "torch.compile does not work here" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_bench_memory_is_the_steps_own(threads):
+    """The peak memory of a model row is its step's: the reference matmul timed beside each step (three n x n
+    matrices) stays out of it."""
+    from latte_cli import bench
+
+    torch.set_num_threads(1)
+    net = Latte(LatteConfig(input_size=8, num_frames=4, hidden_size=64, depth=2, num_heads=4))
+    x, t, cpu = torch.randn(1, 4, 4, 8, 8), torch.tensor([3]), torch.device("cpu")
+    memory = []
+    for n in (64, 2048):  # 16 MiB a matrix at 2048
+        peak = {"n": n, "kernel": "torch.mm", "seconds": 1.0, "flops": 2 * n**3}
+        row = bench.model_row(net, net, x, t, "fp32", cpu, False, peak, 1, 1, bench.Clock(cpu))
+        memory.append(row["peak_memory"])
+    if None in memory:
+        pytest.skip("no peak resident set to read here")
+    assert abs(memory[1] - memory[0]) < 16 << 20
 
 
 # ------------------------------------------------------------------------------------------- fast paths
@@ -182,6 +217,17 @@ def test_looped_fp32_attention_matches_float64(monkeypatch):
     assert kernels.looped_attention_fits(q) and not kernels.looped_attention_fits(q[:, :, :100])
     monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads() - 1)
     assert not kernels.looped_attention_fits(q)
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN switched off: the fused kernel
+        assert not kernels.looped_attention_fits(q)
+
+
+def test_attention_compiles_in_one_graph(monkeypatch):
+    """Under torch.compile the kernel choice costs no graph break (fullgraph=True raises at one), also for fp32
+    rows long enough for the oneDNN loop in eager mode."""
+    monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads())
+    q, k, v = (torch.randn(2, 4, 130, 16) for _ in range(3))
+    compiled = torch.compile(kernels.attention, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-5)
 
 
 @pytest.mark.skipif(not kernels.VECTOR_BYTES, reason="x86 vector width only")
@@ -209,17 +255,19 @@ def test_short_rows_take_the_softmax_in_fp32(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", [1, 3, 4])
-def test_fp32_and_float64_models_agree(variant):
-    """The fp32 model (fused attention kernel on the CPU) and its float64 copy (written-out products), with and
-    without autograd (the fused GELU without): the same function."""
-    cfg = LatteConfig(input_size=8, in_channels=3, num_frames=4, hidden_size=32, depth=2, num_heads=4,
+def test_fp32_and_float64_models_agree(variant, monkeypatch):
+    """The fp32 model (on the CPU: oneDNN's linear layers, the oneDNN attention loop over 144-token frames, the
+    fused kernel over frames, the compiled GELU) and its float64 copy (plain products): the same function and the
+    same gradients, with and without autograd (the fused GELU without)."""
+    monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads())
+    cfg = LatteConfig(input_size=24, in_channels=3, num_frames=4, hidden_size=32, depth=2, num_heads=4,
                       variant=variant, num_classes=3, temporal_pos="rope")
     torch.manual_seed(0)
     net = Latte(cfg)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(std=0.1)
-    x, t, y = torch.randn(2, 5, 3, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 2])
+    x, t, y = torch.randn(2, 5, 3, 24, 24), torch.tensor([3, 900]), torch.tensor([0, 2])
     exact = Latte(cfg).double()
     exact.load_state_dict(net.state_dict())
     reference = exact(x.double(), t, y, num_images=1)
@@ -228,10 +276,15 @@ def test_fp32_and_float64_models_agree(variant):
         inferred = net(x, t, y, num_images=1)
     assert trained.requires_grad and torch.allclose(trained.double(), reference, atol=1e-5)
     assert torch.allclose(inferred.double(), reference, atol=1e-5)
+    assert ("LoopedAttentionBackward" in graph_nodes(trained)) == kernels.ONEDNN_LINEAR
+    reference.square().sum().backward()
+    trained.square().sum().backward()
+    for (name, p), q in zip(net.named_parameters(), exact.parameters(), strict=True):
+        assert torch.allclose(p.grad.double(), q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item()), name
 
 
 def test_flop_counter_sees_the_fused_cpu_kernel():
-    """model.py teaches torch's FlopCounterMode the CPU attention kernel: the same count as the math path,
+    """kernels.py teaches torch's FlopCounterMode the CPU attention kernel: the same count as the math path,
     whose products torch counts itself."""
     q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
     counts = []
@@ -292,6 +345,8 @@ def test_frozen_weights_are_reordered_once_and_follow_updates(precision):
     """Inside frozen_weights() (sampling), Linear and linear_gelu without autograd reuse one cast, reordered copy
     of each weight: nn.Linear's values, the copy made once, made again after an in-place update of the weight
     (an optimiser step or load_state_dict), and dropped when the block ends."""
+    if precision not in kernels.FUSED_DTYPES:
+        pytest.skip(f"oneDNN takes no {precision} matmul on this CPU")
     torch.manual_seed(0)
     layer, x = kernels.Linear(48, 40), torch.randn(2, 7, 48)
     tol = 1e-5 if precision == torch.float32 else 2**-7
@@ -306,16 +361,63 @@ def test_frozen_weights_are_reordered_once_and_follow_updates(precision):
     with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision == torch.bfloat16):
         with kernels.frozen_weights():
             assert close(layer(x), expected()[0]) and close(kernels.linear_gelu(layer, x), expected()[1])
-            packed = kernels.FROZEN[layer][1]
+            packed = kernels.FROZEN.get()[layer][1]
             assert packed.is_mkldnn and packed.dtype == precision
             layer(x)
             with kernels.frozen_weights():  # nested: the same copies
                 layer(x)
-            assert kernels.FROZEN[layer][1] is packed  # reused, not made again
+            assert kernels.FROZEN.get()[layer][1] is packed  # reused, not made again
             layer.weight.mul_(-2)  # in place, as an optimiser step or load_state_dict writes
             assert close(layer(x), expected()[0]) and close(kernels.linear_gelu(layer, x), expected()[1])
-            assert kernels.FROZEN[layer][1] is not packed
-        assert kernels.FROZEN is None
+            assert kernels.FROZEN.get()[layer][1] is not packed
+        assert kernels.FROZEN.get() is None
+
+
+@pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_frozen_weights_belong_to_their_thread_and_skip_inference_tensors():
+    """frozen_weights() caches for the thread that opened it (another thread sees no cache, however the blocks
+    interleave), and weights made under torch.inference_mode, which keep no version counter, are cast per call."""
+    layer, x = kernels.Linear(8, 8), torch.randn(3, 8)
+    seen = []
+    with torch.no_grad(), kernels.frozen_weights():
+        layer(x)
+        other = threading.Thread(target=lambda: seen.append(kernels.FROZEN.get()))
+        other.start()
+        other.join()
+        assert layer in kernels.FROZEN.get()
+    assert seen == [None] and kernels.FROZEN.get() is None
+    with torch.inference_mode():
+        layer = kernels.Linear(8, 8)
+    with torch.no_grad(), kernels.frozen_weights():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+        assert layer not in kernels.FROZEN.get()
+
+
+NO_AVX512 = """
+import torch
+from latte_cli import kernels
+from latte_cli.bench import matmuls
+from model import Latte, LatteConfig
+assert kernels.FUSED_DTYPES == (torch.float32,) and "oneDNN" not in matmuls(torch.bfloat16, torch.device("cpu"))
+net = Latte(LatteConfig(input_size=8, num_frames=4, hidden_size=64, depth=2, num_heads=4))
+x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([3])
+with torch.autocast("cpu", torch.bfloat16):
+    out = net(x, t)
+    with torch.no_grad(), kernels.frozen_weights():
+        assert torch.allclose(net(x, t).float(), out.float(), atol=0.05)
+out.float().square().mean().backward()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="x86 only")
+def test_bf16_runs_where_onednn_has_no_bf16_matmul():
+    """On an x86 CPU without AVX-512 oneDNN builds no bf16 matmul: the bf16 paths (training, frozen sampling
+    weights, the bench's peak) stay with ATen. oneDNN is capped to AVX2 in a subprocess to stand for such a CPU."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", NO_AVX512], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
 def test_fused_cpu_gelu_matches_aten(monkeypatch):
@@ -370,6 +472,15 @@ def test_compiled_training_gelu_matches_aten(monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "COMPILED_GELU", None)
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):  # the first call's trial compile is the one its passes keep using: a graph each, no more
+        with torch.autocast("cpu", torch.bfloat16):
+            out = Mlp(16, 64)(torch.randn(5, 16, requires_grad=True))
+        out.float().sum().backward()  # as train.py calls it, outside autocast
+    assert kernels.COMPILED_GELU and counters["stats"]["unique_graphs"] == 2
 
     monkeypatch.setattr(kernels, "COMPILED_GELU", None)
     monkeypatch.setattr(torch, "compile", broken)

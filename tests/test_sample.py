@@ -84,6 +84,7 @@ def test_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, monkeypatc
         ([str(uncond), "--class", "1"], "unconditional"),
         ([str(cond), "--sampler", "euler"], "ddpm or ddim"),
         ([str(cond), "--vae", str(tmp_path / "no-vae")], "not found"),
+        ([str(cond), "--device", "meta"], "unknown device"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

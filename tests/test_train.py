@@ -140,11 +140,24 @@ def test_bad_data_sets_fail_cleanly(latents, tmp_path):
         (["train", str(latents), "--variant", "5", "--frames", "4"], "variant must be 1, 2, 3 or 4"),
         (["train", str(latents), "--frames", "4", "--init-from", str(tmp_path / "nothing.pt")], "does not exist"),
         (["train", str(latents), "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
+        (["train", str(latents), "--frames", "4", "--device", "meta"], "unknown device"),
+        (["train", str(latents), "--frames", "4", "--depth", "0"], "depth must be at least 1"),
     ]
     for args, message in cases:
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "run"), "--steps", "1"])
         assert result.exit_code == 1, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_compile_without_a_compiler_is_a_one_line_error(latents, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    result = CliRunner().invoke(app, ["train", str(latents), "--frames", "4", "--depth", "2", "--hidden-size", "64",
+                                      "--num-heads", "4", "--compile", "--steps", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "torch.compile does not work here" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(latents, tmp_path):
