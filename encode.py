@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from latte_cli import LatteError
+from latte_cli import LatteError, resolve_device
 from latte_cli.vae import PRECISIONS, load_vae
 from latte_cli.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_video, replacing
 
@@ -47,6 +47,7 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
         raise LatteError("--stride, --min-frames and --batch must be at least 1")
     if precision not in PRECISIONS:
         raise LatteError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = resolve_device(device)
     items, classes, skipped = _scan(src, labels)
     if not items:
         raise LatteError(f"no videos or images found in {src}")

@@ -91,6 +91,9 @@ def sample(cfg: SampleConfig) -> list[Path]:
         raise LatteError(f"--precision {cfg.precision} is not available on {device} (fp32, bf16; fp16 on CUDA)")
     if min(cfg.num, cfg.batch, cfg.vae_chunk, cfg.fps) < 1:
         raise LatteError("--num, --batch, --vae-chunk and --fps must be at least 1")
+    for name in ("steps", "frames", "context"):  # None: the default below
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise LatteError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
     steps = cfg.steps or (250 if cfg.sampler == "ddpm" else 50)
     if not 1 <= steps <= 1000:
         raise LatteError(f"--steps must be between 1 and 1000, not {steps}")
@@ -118,6 +121,8 @@ def sample(cfg: SampleConfig) -> list[Path]:
         key_model = Latte.from_pretrained(cfg.keyframes).to(device).eval()
         if key_model.config.num_frames != F or key_model.config.in_channels != mc.in_channels:
             raise LatteError(f"--keyframes {cfg.keyframes} makes clips of another shape than {cfg.ckpt}")
+        if not key_model.config.cond_frames or key_model.config.num_classes != mc.num_classes:
+            raise LatteError(f"--keyframes {cfg.keyframes} must be trained with --cond-frames and the same classes")
     keys = (total - 1) // r + 1 + ((total - 1) % r > 0) if cfg.hierarchical else total  # key frames needed
     windows = -(-(keys - 1) // ((F - 1) // r)) if cfg.hierarchical else 0  # interpolation windows
     clips = 1 + max(0, -(-(keys - F) // (F - context))) + windows  # first clip, extensions, windows

@@ -277,9 +277,20 @@ def init_weights_from(model: Latte, path: str, spatial_only: bool = False) -> st
 
 # ------------------------------------------------------------------------------------------------ train
 
+def check_counts(cfg: TrainConfig):
+    at_least = dict(steps=1, batch=1, accum=1, frames=1, frame_interval=1, log_every=1, ckpt_every=1, image_frames=0,
+                    warmup=0, clip_grad_from=0, keep_last=0, cond_frames=0)
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise LatteError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.minutes < 0 or cfg.weight_decay < 0 or cfg.clip_grad < 0:
+        raise LatteError("--lr must be above 0, and --minutes, --weight-decay and --clip-grad not below 0")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train; returns the folder of the last checkpoint."""
     # ---- setup
+    check_counts(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if cfg.device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -343,19 +354,25 @@ def train(cfg: TrainConfig) -> Path:
     diffusion = Diffusion(schedule=cfg.schedule, learn_sigma=cfg.learn_sigma)
 
     # ---- resume
-    start = 0
+    start, seconds = 0, 0.0
     found = checkpoints(run) if cfg.resume else []
     if found:
         ckpt = found[-1]
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["model"] != json.loads(mcfg.to_json()):
-            raise LatteError(f"{ckpt} was trained with another model configuration; use another --out")
-        model.load_weights(load_file(str(ckpt / "model.safetensors"), device=device), str(ckpt))
-        ema.load_weights(load_file(str(ckpt / "ema.safetensors"), device=device), str(ckpt))
-        other = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-        opt.load_state_dict(other["optimizer"])
-        scaler.load_state_dict(other["scaler"])
-        start = state["step"]
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+            if state["model"] != json.loads(mcfg.to_json()):
+                raise LatteError(f"{ckpt} was trained with another model configuration; use another --out")
+            model.load_weights(load_file(str(ckpt / "model.safetensors"), device=device), str(ckpt))
+            ema.load_weights(load_file(str(ckpt / "ema.safetensors"), device=device), str(ckpt))
+            other = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+            opt.load_state_dict(other["optimizer"])
+            if other["scaler"]:  # an fp16 run's; fp32 and bf16 runs store the disabled scaler's empty state
+                scaler.load_state_dict(other["scaler"])
+        except LatteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+            raise LatteError(f"cannot resume from {ckpt}: {type(e).__name__}: {str(e).strip()[:200]}") from None
+        start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
         log.line(f"resumed from {ckpt} at step {start}")
     elif master:
         run.mkdir(parents=True, exist_ok=True)
@@ -382,7 +399,8 @@ def train(cfg: TrainConfig) -> Path:
     last = found[-1] if found else None
     timer, window = time.perf_counter(), []
     log.start(cfg.steps, start)
-    began, elapsed = time.perf_counter(), torch.tensor(0.0, dtype=torch.float64)
+    began = time.perf_counter() - seconds  # elapsed: training seconds, on the device (NCCL broadcasts no CPU tensor)
+    elapsed = torch.tensor(seconds, dtype=torch.float64, device=device)
     for step in range(start, cfg.steps):
         model.train()
         for group in opt.param_groups:
@@ -414,13 +432,17 @@ def train(cfg: TrainConfig) -> Path:
         scaler.unscale_(opt)
         clip = cfg.clip_grad if cfg.clip_grad > 0 and step >= cfg.clip_grad_from else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+        if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
+            opt.zero_grad(set_to_none=True)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise LatteError(f"the gradient norm became {grad_norm.item()} at step {step}; stopped ({where})")
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         update_ema(ema, model, cfg.ema_decay)
 
         done = step + 1
-        elapsed = torch.tensor(time.perf_counter() - began, dtype=torch.float64)
+        elapsed = torch.tensor(time.perf_counter() - began, dtype=torch.float64, device=device)
         if ddp:  # rank 0's clock decides for all (the time budget and a time-based learning rate)
             dist.broadcast(elapsed, 0)
         final = done == cfg.steps or (cfg.minutes > 0 and elapsed.item() > 60 * cfg.minutes)
@@ -441,6 +463,7 @@ def train(cfg: TrainConfig) -> Path:
                 if any(p != prints[0] for p in prints):
                     raise LatteError(f"the {world} processes hold different weights at step {done}")
             if master:
+                extra["seconds"] = elapsed.item()  # training time so far, for --resume
                 last = save_checkpoint(run, done, model, ema, opt, scaler, cfg, extra)
             if ddp:
                 dist.barrier()

@@ -29,7 +29,7 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (LatteError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as e:
+        except (LatteError, OSError, ValueError) as e:  # OSError: missing files, permissions, a full disk
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
             raise typer.Exit(1) from None

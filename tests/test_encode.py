@@ -145,3 +145,5 @@ def test_cli_end_to_end(tmp_path):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "does not exist" in lines[0]
     assert not os.path.exists(tmp_path / "out2")
+    r = runner.invoke(app, ["encode", str(tmp_path / "src"), str(tmp_path / "out2"), "--device", "meta"])
+    assert r.exit_code == 1 and "unknown device" in r.output and not os.path.exists(tmp_path / "out2")

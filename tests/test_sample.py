@@ -85,6 +85,8 @@ def test_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, monkeypatc
         ([str(cond), "--sampler", "euler"], "ddpm or ddim"),
         ([str(cond), "--vae", str(tmp_path / "no-vae")], "not found"),
         ([str(cond), "--device", "meta"], "unknown device"),
+        ([str(cond), "--frames", "-2"], "--frames must be at least 1"),
+        ([str(cond), "--steps", "0"], "--steps must be at least 1"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from encode import encode
+from latte_cli import LatteError
 from latte_cli.cli import app
 from latte_cli.diffusion import Diffusion
 from latte_cli.video import synth
@@ -142,9 +143,17 @@ def test_bad_data_sets_fail_cleanly(latents, tmp_path):
         (["train", str(latents), "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
         (["train", str(latents), "--frames", "4", "--device", "meta"], "unknown device"),
         (["train", str(latents), "--frames", "4", "--depth", "0"], "depth must be at least 1"),
+        (["train", str(latents), "--frames", "4", "--accum", "0"], "--accum must be at least 1"),
+        (["train", str(latents), "--frames", "4", "--batch", "0"], "--batch must be at least 1"),
+        (["train", str(latents), "--frames", "4", "--log-every", "0"], "--log-every must be at least 1"),
+        (["train", str(latents), "--frames", "4", "--image-frames", "-1"], "--image-frames must be at least 0"),
+        (["train", str(latents), "--frames", "4", "--frame-interval", "0"], "--frame-interval must be at least 1"),
+        (["train", str(latents), "--frames", "4", "--warmup", "-1"], "--warmup must be at least 0"),
+        (["train", str(latents), "--frames", "4", "--lr", "0"], "--lr must be above 0"),
+        (["train", str(latents), "--frames", "4", "--out", str(latents / "index.json")], "index.json"),
     ]
     for args, message in cases:
-        result = runner.invoke(app, [*args, "--out", str(tmp_path / "run"), "--steps", "1"])
+        result = runner.invoke(app, [args[0], "--out", str(tmp_path / "run"), *args[1:], "--steps", "1"])
         assert result.exit_code == 1, result.output
         assert message in result.output and "Traceback" not in result.output
 
@@ -175,6 +184,36 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(latents, tmp_path):
     assert "loss became nan at step 2" in result.output and "step_00000002" in result.output
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
     assert all(torch.isfinite(v).all() for v in weights(run / "checkpoints" / "step_00000002").values())
+
+
+def test_nan_gradient_stops_before_the_weights_take_it(latents, tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (a bf16/fp32 run has no scaler to skip it) stops the run before the
+    optimiser, the EMA or a checkpoint sees it."""
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def poisoned(params, max_norm):
+        params[0].grad.fill_(float("nan"))
+        return clip(params, max_norm)
+
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(latents), out=str(run), steps=2, ckpt_every=2, **TINY))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    with pytest.raises(LatteError, match="gradient norm became nan at step 2.*step_00000002"):
+        train(TrainConfig(data=str(latents), out=str(run), steps=4, ckpt_every=1, resume=True, **TINY))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_resume_continues_the_training_clock(latents, tmp_path):
+    """--minutes and a time-based learning-rate decay count the training time of the run so far, not since the
+    last --resume: the checkpoint stores it and the resumed run starts from it."""
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(latents), out=str(run), steps=2, ckpt_every=2, **TINY))
+    state = json.loads((run / "checkpoints" / "step_00000002" / "state.json").read_text())
+    assert state["seconds"] > 0
+    state["seconds"] = 3600.0  # an hour of training so far
+    (run / "checkpoints" / "step_00000002" / "state.json").write_text(json.dumps(state))
+    train(TrainConfig(data=str(latents), out=str(run), steps=10, minutes=30, resume=True, **TINY))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000003"  # past the budget: one step
 
 
 def test_init_from_a_dit_checkpoint(latents, tmp_path):
