@@ -57,12 +57,19 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
     settings = json.dumps(dict(vae=vae_name, size=size, stride=stride, flip=flip))
     console = Console(stderr=True, soft_wrap=True)  # one line per message, also in log files
 
+    def too_short(rel: Path, frames: int) -> str | None:
+        if not _is_image(rel) and frames < min_frames:
+            return f"{src / rel} has {frames} frames, fewer than --min-frames {min_frames}"
+        return None
+
     entries, todo = [], []
     for rel, label in items:
         shard = out / rel.parent / f"{rel.name}.safetensors"
         frames = _finished(shard, settings, label)
         if frames is None:
             todo.append((rel, label, shard))
+        elif too_short(rel, frames):  # made by an earlier run with a lower --min-frames
+            skipped.append(dict(file=rel.as_posix(), reason=too_short(rel, frames)))
         else:
             entries.append(_entry(out, rel, shard, frames, label))
     done = len(entries)
@@ -83,8 +90,8 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
                 pending = reader.submit(read, todo[i + 1][0])
             try:
                 x = current.result()  # (T, 3, size, size) in [-1, 1]
-                if not _is_image(rel) and len(x) < min_frames:
-                    raise LatteError(f"{src / rel} has {len(x)} frames, fewer than --min-frames {min_frames}")
+                if too_short(rel, len(x)):
+                    raise LatteError(too_short(rel, len(x)))
             except LatteError as e:
                 skipped.append(dict(file=rel.as_posix(), reason=str(e)))
                 progress.console.print(f"[yellow]skipped:[/] {e}", highlight=False)

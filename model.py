@@ -525,8 +525,11 @@ class Latte(nn.Module):
         sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         meta = {"latte_config": self.config.to_json(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file(sd, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:  # an error or Ctrl-C leaves no half-written file behind
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def from_pretrained(path: str | Path, num_heads: int | None = None, map_location="cpu", **overrides) -> "Latte":
@@ -541,15 +544,20 @@ class Latte(nn.Module):
         model.load_weights(sd, source=str(checkpoint_file(path)))
         return model
 
+    def add_mask_channel(self, sd: dict) -> dict:
+        """sd, with a zero mask channel added to its patch embedding where this model has one and sd lacks it: a
+        model trained without given frames starts one trained with them exactly as it was."""
+        w, own = sd.get("x_embedder.proj.weight"), self.x_embedder.proj.weight
+        if w is not None and self.config.cond_frames and w.ndim == own.ndim and w.shape[1] + 1 == own.shape[1]:
+            sd = {**sd, "x_embedder.proj.weight": torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)}
+        return sd
+
     def load_weights(self, sd: dict, source: str = "state dict"):
         """Strict load; a mask-channel model accepts weights without the mask channel (it starts at zero)."""
         from latte_cli import LatteError
 
         own = self.state_dict()
-        sd = dict(sd)
-        w = sd.get("x_embedder.proj.weight")
-        if w is not None and self.config.cond_frames and w.shape[1] + 1 == own["x_embedder.proj.weight"].shape[1]:
-            sd["x_embedder.proj.weight"] = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+        sd = self.add_mask_channel(sd)
         missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
         if missing or unexpected:
             what = (f"missing {sorted(missing)[:3]}" if missing else "") + (" " if missing and unexpected else "")

@@ -230,16 +230,20 @@ def save_checkpoint(run: Path, step: int, model: Latte, ema: Latte, opt, scaler,
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    info = {"classes": extra["classes"], "step": step, "cond_frames": cfg.cond_frames, "cond_noise": cfg.cond_noise}
-    model.save(tmp / "model.safetensors", extra=info)
-    ema.save(tmp / "ema.safetensors", extra=info)
-    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
-    state = {"step": step, "seed": cfg.seed, "train": asdict(cfg), "model": json.loads(model.config.to_json()),
-             "rng": f"every step reseeds from (seed={cfg.seed}, step); the next step is {step}", **extra}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():  # a run restarted from an earlier checkpoint rewrites this step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        info = {"classes": extra["classes"], "step": step, "cond_frames": cfg.cond_frames,
+                "cond_noise": cfg.cond_noise}
+        model.save(tmp / "model.safetensors", extra=info)
+        ema.save(tmp / "ema.safetensors", extra=info)
+        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        state = {"step": step, "seed": cfg.seed, "train": asdict(cfg), "model": json.loads(model.config.to_json()),
+                 "rng": f"every step reseeds from (seed={cfg.seed}, step); the next step is {step}", **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():  # a run restarted from an earlier checkpoint rewrites this step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:  # an error or Ctrl-C leaves no half-written checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(run)[: -cfg.keep_last] if cfg.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -266,6 +270,7 @@ def init_weights_from(model: Latte, path: str, spatial_only: bool = False) -> st
             elif int(parts[1]) < len(spatial):
                 renamed[".".join(["blocks", str(spatial[int(parts[1])]), *parts[2:]])] = v
         sd = renamed
+    sd = model.add_mask_channel(sd)
     copied = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     if "x_embedder.proj.weight" not in copied:
         raise LatteError(f"--init-from {path}: its patch embedding does not fit this model")
@@ -296,6 +301,8 @@ def train(cfg: TrainConfig) -> Path:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     else:
         device = str(resolve_device(cfg.device))
+        if ddp and device == "cuda":  # torchrun: a GPU per process
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -374,11 +381,12 @@ def train(cfg: TrainConfig) -> Path:
             raise LatteError(f"cannot resume from {ckpt}: {type(e).__name__}: {str(e).strip()[:200]}") from None
         start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
         log.line(f"resumed from {ckpt} at step {start}")
-    elif master:
-        run.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and checkpoints(run):
+    else:
+        if not cfg.resume and checkpoints(run):  # every rank stops, not rank 0 alone
             raise LatteError(f"{run} already holds checkpoints; pass --resume to continue or choose another --out")
-        (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
+        if master:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
     if master:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.line(f"model: {cfg.model}, {mcfg.describe()}, {n / 1e6:.2f}M parameters; data: {len(data.videos)} videos"

@@ -3,6 +3,7 @@ stage (encode.py, train.py, sample.py, ...); the stage modules are imported insi
 `latte --help` stays fast."""
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -246,7 +247,8 @@ def train(
     kwargs = {k: v for k, v in locals().items() if k != "stage"}
     kwargs.update(data=str(data), out=str(out), init_from=str(init_from) if init_from else None)
     last = stage.train(stage.TrainConfig(**kwargs))
-    Console(soft_wrap=True).print(f"checkpoint: {last}", highlight=False)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 wrote the checkpoints
+        Console(soft_wrap=True).print(f"checkpoint: {last}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------- sample

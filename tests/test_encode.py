@@ -111,6 +111,10 @@ def test_stride_min_frames_and_images(tmp_path):
     assert torch.allclose(got["latents"].float(), every_other, atol=1e-3) and "label" not in got
     with pytest.raises(LatteError, match="could be encoded"):
         encode(src / "short", tmp_path / "none", size=32, min_frames=4)
+    again = encode(src, tmp_path / "out", size=32, stride=2, min_frames=6)  # a rerun asking for more frames
+    assert sorted(s["file"] for s in again["skipped"]) == ["long/video_0000.mp4", "long/video_0001.mp4",
+                                                          "short/video_0000.mp4"]
+    assert [f["source"] for f in load_index(tmp_path / "out")["files"]] == ["still.png"]
 
 
 def test_load_index_errors(tmp_path):

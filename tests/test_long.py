@@ -37,6 +37,18 @@ def test_an_unconditioned_model_loads_and_is_unchanged_with_the_mask_off():
         assert not torch.allclose(cond(x, t, y, mask=torch.zeros(2, 6)), cond(x, t, y, mask=torch.ones(2, 6)))
 
 
+def test_init_from_an_unconditioned_checkpoint(tmp_path):
+    """train --cond-frames --init-from a model trained without given frames: every tensor is taken, the mask
+    channel added at zero, as load_weights does."""
+    plain = randomize(Latte(tiny()))
+    plain.save(tmp_path / "plain.safetensors")
+    cond = Latte(tiny(cond_frames=True))
+    message = init_weights_from(cond, str(tmp_path / "plain.safetensors"))
+    assert message.startswith(f"initialised {len(cond.state_dict())} of {len(cond.state_dict())} tensors")
+    assert torch.equal(cond.x_embedder.proj.weight[:, :3], plain.x_embedder.proj.weight)
+    assert torch.count_nonzero(cond.x_embedder.proj.weight[:, 3]) == 0
+
+
 def test_given_frames_come_back_unchanged():
     model = randomize(Latte(tiny(cond_frames=True)), seed=3).eval()
     diffusion = Diffusion(respacing="ddim5")

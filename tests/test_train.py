@@ -203,6 +203,19 @@ def test_nan_gradient_stops_before_the_weights_take_it(latents, tmp_path, monkey
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
 
 
+def test_an_interrupted_checkpoint_leaves_nothing_behind(latents, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(latents), out=str(run), steps=2, ckpt_every=2, **TINY))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(data=str(latents), out=str(run), steps=3, resume=True, **TINY))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]  # no .step_00000003.tmp
+
+
 def test_resume_continues_the_training_clock(latents, tmp_path):
     """--minutes and a time-based learning-rate decay count the training time of the run so far, not since the
     last --resume: the checkpoint stores it and the resumed run starts from it."""
