@@ -381,6 +381,13 @@ def train(cfg: TrainConfig) -> Path:
             raise LatteError(f"cannot resume from {ckpt}: {type(e).__name__}: {str(e).strip()[:200]}") from None
         start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
         log.line(f"resumed from {ckpt} at step {start}")
+        free = ("out", "resume", "steps", "minutes", "log_every", "ckpt_every", "keep_last", "progress", "device",
+                "init_from", "compile", "grad_checkpoint")  # (options that leave the steps' arithmetic as it was)
+        before = {k: v for k, v in state.get("train", {}).items() if k not in free}
+        changed = [f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in before.items()
+                   if hasattr(cfg, k) and getattr(cfg, k) != v]
+        if changed:  # allowed (a lower rate to fine-tune, say), but then the run no longer continues exactly
+            log.line("note: options changed since the checkpoint: " + ", ".join(changed))
     else:
         if not cfg.resume and checkpoints(run):  # every rank stops, not rank 0 alone
             raise LatteError(f"{run} already holds checkpoints; pass --resume to continue or choose another --out")

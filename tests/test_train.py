@@ -216,6 +216,16 @@ def test_an_interrupted_checkpoint_leaves_nothing_behind(latents, tmp_path, monk
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]  # no .step_00000003.tmp
 
 
+def test_resume_names_the_options_that_changed(latents, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(latents), out=str(run), steps=2, ckpt_every=2, **TINY))
+    train(TrainConfig(data=str(latents), out=str(run), steps=3, resume=True, **TINY))
+    assert "note: options changed" not in capsys.readouterr().out
+    train(TrainConfig(data=str(latents), out=str(run), steps=4, resume=True, lr=2e-4, **{**TINY, "batch": 2}))
+    out = capsys.readouterr().out
+    assert "note: options changed since the checkpoint: --batch 4 -> 2, --lr 0.0001 -> 0.0002" in out
+
+
 def test_resume_continues_the_training_clock(latents, tmp_path):
     """--minutes and a time-based learning-rate decay count the training time of the run so far, not since the
     last --resume: the checkpoint stores it and the resumed run starts from it."""
