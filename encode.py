@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -94,7 +95,7 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
                     raise LatteError(too_short(rel, len(x)))
             except LatteError as e:
                 skipped.append(dict(file=rel.as_posix(), reason=str(e)))
-                progress.console.print(f"[yellow]skipped:[/] {e}", highlight=False)
+                progress.console.print(f"[yellow]skipped:[/] {escape(str(e))}", highlight=False)
                 progress.advance(task)
                 continue
             x = x.to(device)

@@ -522,6 +522,7 @@ class Latte(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         meta = {"latte_config": self.config.to_json(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
         tmp = path.with_name(path.name + ".tmp")
@@ -603,7 +604,8 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(sd, dict):
         sd = sd.get("ema", sd.get("model", sd.get("state_dict", sd)))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

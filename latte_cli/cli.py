@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from safetensors import SafetensorError
 
 from latte_cli import LatteError, keep_freed_memory
 
@@ -30,9 +32,9 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (LatteError, OSError, ValueError) as e:  # OSError: missing files, permissions, a full disk
+        except (LatteError, OSError, ValueError, SafetensorError) as e:  # OSError: permissions, a full disk
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)  # [..] in names stays
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
@@ -101,6 +103,8 @@ def convert(
     """Convert a published Latte .pt checkpoint into this project's safetensors format."""
     from model import Latte
 
+    if out.suffix != ".safetensors":
+        raise LatteError(f"{out}: the output is a .safetensors file")
     net = Latte.from_pretrained(src, num_heads=num_heads)
     net.save(out)
     Console().print(f"wrote {out} ({net.config.describe()})")

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from encode import encode
+from latte_cli import LatteError
 from latte_cli.video import synth
 from sample import SampleConfig, sample
 from train import TrainConfig, train
@@ -39,7 +40,11 @@ def demo(out: str | Path = "demo", minutes: float = 8.0, model: str = "Latte-S/4
          long_frames: int = 32, seed: int = 0) -> list[Path]:
     """Run the demo into `out`; returns the sample paths (mp4 files, then the contact sheet)."""
     out, console = Path(out), Console(soft_wrap=True, highlight=False)
+    if min(minutes, videos, num, sample_steps) <= 0 or long_frames < 0:  # checked before minutes of training
+        raise LatteError("--minutes, --videos, --num and --sample-steps must be above 0, --long-frames not below 0")
     began = time.perf_counter()
+    for part in ("videos", "latents", "run"):  # every demo starts afresh (an earlier run's data would be reused)
+        shutil.rmtree(out / part, ignore_errors=True)
     console.rule("1/4 synthetic videos")
     synth(out / "videos", videos=videos, seed=seed, **DATA)
     console.print(f"{videos} mp4 files of {DATA['frames']} frames, {DATA['size']}x{DATA['size']}, "
@@ -47,7 +52,6 @@ def demo(out: str | Path = "demo", minutes: float = 8.0, model: str = "Latte-S/4
     console.rule("2/4 encode (pixel space)")
     encode(out / "videos", out / "latents", vae="none", size=DATA["size"], labels="folders", flip=True)
     console.rule(f"3/4 train for {minutes:g} minutes")
-    shutil.rmtree(out / "run", ignore_errors=True)  # the demo's own run folder starts afresh
     last = train(recipe(out / "latents", out / "run", model, depth, hidden_size, num_heads, seed, minutes=minutes,
                         steps=1_000_000, ckpt_every=1_000_000))
     console.rule("4/4 sample")

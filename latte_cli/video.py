@@ -33,7 +33,7 @@ def read_video(path: str | Path, size: int, stride: int = 1, max_frames: int | N
     # swscale converts YUV to RGB and scales in one pass; AREA averages the pixels it covers (antialiased)
     reformatter = VideoReformatter()
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path.absolute())) as container:  # absolute: "a:b.mp4" is no FFmpeg protocol
             if not container.streams.video:
                 raise LatteError(f"{path} has no video stream")
             stream = container.streams.video[0]
@@ -65,7 +65,7 @@ def write_video(path: str | Path, frames: Tensor, fps: int = 8, crf: int = 17) -
     # yuv420p stores colour at half resolution, so H.264 needs even sides: repeat the last row/column
     rgb = np.pad(rgb, ((0, 0), (0, rgb.shape[1] % 2), (0, rgb.shape[2] % 2), (0, 0)), mode="edge")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+    with replacing(path) as tmp, av.open(str(tmp.absolute()), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = rgb.shape[1:3]
         stream.pix_fmt = "yuv420p"

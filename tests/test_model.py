@@ -221,15 +221,25 @@ def test_published_checkpoint_loads_and_matches(tmp_path, num_classes):
     runner = CliRunner()
     from latte_cli.cli import app
 
-    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "ours.safetensors"), "--num-heads", "4"])
+    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "new [v2]" / "ours.safetensors"), "--num-heads",
+                                 "4"])  # a folder made on the way, brackets in its name
     assert result.exit_code == 0, result.output
-    again = Latte.from_pretrained(tmp_path / "ours.safetensors").eval()
+    again = Latte.from_pretrained(tmp_path / "new [v2]" / "ours.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(again.double()(x, t, y), got)
 
 
 def test_sincos_tables_match_dit(tmp_path):
     assert torch.allclose(sincos_2d(32, 5, 5).float(), torch.from_numpy(np_sincos_2d(32, 5)).float(), atol=1e-6)
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    from latte_cli.cli import app
+
+    cases = ((["ours.pt"], "is a .safetensors file"), (["x.safetensors"], "missing [a].pt does not exist"))
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["convert", str(tmp_path / "missing [a].pt"), *args])
+        assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_wrong_checkpoints_are_clear_errors(tmp_path):

@@ -110,6 +110,8 @@ def test_demo_end_to_end_in_seconds(tmp_path):
     assert (tmp_path / "samples" / "contact_sheet.png").is_file()
     frames, _ = read_back(tmp_path / "long" / "sample_001.mp4")  # made clip by clip
     assert frames.shape == (32, 16, 16, 3)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "again"), "--num", "0"])
+    assert result.exit_code == 1 and "--num" in result.output and not (tmp_path / "again").exists()  # before work
 
 
 def shape_statistics(paths, labels, classes=4):

@@ -38,6 +38,15 @@ def test_write_video_is_h264_yuv420p(tmp_path):
     assert np.abs(rgb[:, 31, :33].astype(float) - want[:, 30]).mean() < 4  # the repeated last row
 
 
+def test_names_with_a_colon_are_files_not_protocols(tmp_path, monkeypatch):
+    """FFmpeg reads "take: 2.mp4" given relatively as the protocol "take"; the files are opened by absolute path."""
+    monkeypatch.chdir(tmp_path)
+    x = smooth_video(3, 16, 16)
+    write_video("take: 2.mp4", x)
+    assert (tmp_path / "take: 2.mp4").is_file()
+    assert (read_video("take: 2.mp4", 16) - x).abs().mean() < 0.1  # H.264 at 16 px: close, not exact
+
+
 def test_read_video_crops_the_center_and_resizes(tmp_path):
     x = smooth_video(5, 48, 64, seed=1)
     write_video(tmp_path / "v.mp4", x)
