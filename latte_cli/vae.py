@@ -8,6 +8,7 @@ that file loads by name; `convert_state_dict` renames the diffusers layouts onto
 Shapes: T frames, C channels, H W pixel size, h w latent size (H/8, W/8 for SD-1.4).
 """
 
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -259,11 +260,31 @@ def find_weights(path: Path) -> Path:
     raise LatteError(f"VAE weights not found: {path}")
 
 
+class _Inert:
+    """Stands in for a training framework's classes pickled beside the weights (never called)."""
+
+    def __setstate__(self, state):
+        pass
+
+
+def torch_load_weights(file: Path):
+    """torch.load(weights_only=True): never unpickle code from a download. A PyTorch Lightning .ckpt (sd-v1-4.ckpt)
+    also pickles its callbacks' classes; those names, and only those, load as inert stand-ins."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda f: [])(file)
+        if not unsafe or not all(name.startswith(("pytorch_lightning.", "lightning.")) for name in unsafe):
+            raise
+        with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
+            return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(file: Path) -> dict[str, Tensor]:
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
-        sd = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle code from a download
+        sd = torch_load_weights(file)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LatteError(f"cannot read VAE weights {file}: {reason}") from e
