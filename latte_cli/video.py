@@ -45,6 +45,10 @@ def read_video(path: str | Path, size: int, stride: int = 1, max_frames: int | N
                 w, h = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
                 rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA")
                 rgb = rgb.to_ndarray()  # (h, w, 3) uint8
+                turns = round(getattr(frame, "rotation", 0) / 90) % 4  # display rotation, counter-clockwise: phone
+                if turns:  # videos and EXIF-rotated photos are stored turned and shown upright
+                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+                    h, w = rgb.shape[:2]
                 top, left = (h - size) // 2, (w - size) // 2
                 frames.append(rgb[top : top + size, left : left + size])
                 if len(frames) == max_frames:

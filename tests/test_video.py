@@ -47,6 +47,25 @@ def test_names_with_a_colon_are_files_not_protocols(tmp_path, monkeypatch):
     assert (read_video("take: 2.mp4", 16) - x).abs().mean() < 0.1  # H.264 at 16 px: close, not exact
 
 
+def test_rotated_videos_are_read_upright(tmp_path):
+    """A video stored landscape with a 90-degree display rotation (as phones record portrait video) is read as
+    players show it: turned counter-clockwise, the stored top row on the left."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:16], stored[16:] = (255, 0, 0), (0, 0, 255)  # top red, bottom blue
+    with av.open(str(tmp_path / "turned.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(90)
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = i
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    x = (read_video(tmp_path / "turned.mp4", 16) + 1) * 127.5  # (T, 3, 16, 16)
+    assert x[:, 0, :, :6].mean() > 200 and x[:, 2, :, :6].mean() < 50  # left: red
+    assert x[:, 2, :, 10:].mean() > 200 and x[:, 0, :, 10:].mean() < 50  # right: blue
+
+
 def test_read_video_crops_the_center_and_resizes(tmp_path):
     x = smooth_video(5, 48, 64, seed=1)
     write_video(tmp_path / "v.mp4", x)
