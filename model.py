@@ -30,7 +30,7 @@ import torch.nn.functional as Fn
 import torch.utils.checkpoint
 from einops import rearrange
 
-from latte_cli import kernels
+from latte_cli import kernels, umask_mode
 
 
 @dataclass
@@ -528,6 +528,7 @@ class Latte(nn.Module):
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file(sd, str(tmp), metadata=meta)
+            umask_mode(tmp)
             os.replace(tmp, path)
         finally:  # an error or Ctrl-C leaves no half-written file behind
             tmp.unlink(missing_ok=True)

@@ -44,6 +44,21 @@ def check_compiler(device) -> None:
         raise LatteError(f"--compile: torch.compile does not work here ({type(e).__name__}: {first})") from None
 
 
+def umask_mode(path) -> None:
+    """Give a new file the permissions the user's umask asks for: safetensors writes 0600 whatever it is, so
+    shards and checkpoints would be unreadable to the rest of a shared machine."""
+    import os
+    import re
+    from pathlib import Path
+
+    try:  # Linux shows the umask without changing it
+        mask = int(re.search(r"Umask:\s+(\d+)", Path("/proc/self/status").read_text())[1], 8)
+    except (OSError, TypeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep freed blocks of up to 32 MiB for reuse instead of handing each back to the kernel. By default
     an activation over 128 KiB is a fresh mmap whose pages fault in again on first touch (glibc raises that limit

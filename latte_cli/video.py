@@ -15,7 +15,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 from torch import Tensor
 
-from latte_cli import LatteError
+from latte_cli import LatteError, umask_mode
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # one-frame items for joint training (Latte+IMG)
@@ -113,6 +113,7 @@ def replacing(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp")  # hidden: folder scans skip it
     try:
         yield tmp
+        umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

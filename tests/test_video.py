@@ -1,5 +1,8 @@
 """Video I/O: files written here are read back with PyAV directly, and resizing is checked against torch."""
 
+import os
+import stat
+
 import av
 import numpy as np
 import pytest
@@ -45,6 +48,22 @@ def test_names_with_a_colon_are_files_not_protocols(tmp_path, monkeypatch):
     write_video("take: 2.mp4", x)
     assert (tmp_path / "take: 2.mp4").is_file()
     assert (read_video("take: 2.mp4", 16) - x).abs().mean() < 0.1  # H.264 at 16 px: close, not exact
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Files written through a temporary name get the mode the umask asks for, also where the writer makes its
+    temporary file private (safetensors writes 0600)."""
+    from safetensors.torch import save_file
+
+    from latte_cli.video import replacing
+
+    before = os.umask(0o022)
+    try:
+        with replacing(tmp_path / "shard.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, tmp)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "shard.safetensors").stat().st_mode) == 0o644
 
 
 def test_rotated_videos_are_read_upright(tmp_path):
