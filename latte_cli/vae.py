@@ -8,6 +8,7 @@ that file loads by name; `convert_state_dict` renames the diffusers layouts onto
 Shapes: T frames, C channels, H W pixel size, h w latent size (H/8, W/8 for SD-1.4).
 """
 
+import json
 import pickle
 import re
 from collections.abc import Callable
@@ -302,6 +303,15 @@ def load_vae(path: str | Path | None, device: str | torch.device = "cpu", dtype:
         return PixelSpace()
     path = Path(path).expanduser().resolve()
     file = find_weights(path)
+    config = file.parent / "config.json"  # diffusers' folders say which VAE they hold (SDXL's has SD-1's shapes)
+    if config.is_file():
+        try:
+            scale = json.loads(config.read_text()).get("scaling_factor", AutoencoderKL.scaling_factor)
+        except (ValueError, AttributeError):
+            scale = AutoencoderKL.scaling_factor
+        if abs(scale - AutoencoderKL.scaling_factor) > 1e-6:
+            raise LatteError(f"{config}: scaling_factor {scale}: not Stable Diffusion 1's VAE, whose latents this "
+                             f"port scales by {AutoencoderKL.scaling_factor}")
     sd = convert_state_dict(read_state_dict(file))
     model = AutoencoderKL(cfg, name=file.relative_to(path.parent).as_posix())
     want = model.state_dict()

@@ -223,6 +223,12 @@ def test_bad_weights_are_clear_errors(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LatteError, match="cannot read"):
         load_vae(tmp_path / "broken.safetensors")
+    sdxl = tmp_path / "sdxl-vae"  # the same shapes, another latent scale
+    sdxl.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, sdxl / "diffusion_pytorch_model.safetensors")
+    (sdxl / "config.json").write_text('{"scaling_factor": 0.13025}')
+    with pytest.raises(LatteError, match="scaling_factor 0.13025"):
+        load_vae(sdxl, cfg=SMALL)
     torch.save({"state_dict": sd, "callback": Pickled()}, tmp_path / "code.ckpt")  # weights_only refuses it
     with pytest.raises(LatteError, match="cannot read"):
         load_vae(tmp_path / "code.ckpt", cfg=SMALL)
