@@ -66,7 +66,7 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
     entries, todo = [], []
     for rel, label in items:
         shard = out / rel.parent / f"{rel.name}.safetensors"
-        frames = _finished(shard, settings, label)
+        frames = _finished(shard, settings, label, _stamp(src / rel))
         if frames is None:
             todo.append((rel, label, shard))
         elif too_short(rel, frames):  # made by an earlier run with a lower --min-frames
@@ -106,7 +106,7 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
             if label is not None:
                 tensors["label"] = torch.tensor(label, dtype=torch.int64)
             shard.parent.mkdir(parents=True, exist_ok=True)
-            meta = dict(settings=settings, label=str(label), source=rel.as_posix())
+            meta = dict(settings=settings, label=str(label), source=rel.as_posix(), stamp=_stamp(src / rel))
             with replacing(shard) as tmp:
                 save_file(tensors, tmp, metadata=meta)
             entries.append(_entry(out, rel, shard, len(x), label))
@@ -178,14 +178,23 @@ def _is_image(rel: Path) -> bool:
     return rel.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _finished(shard: Path, settings: str, label: int | None) -> int | None:
-    """The frame count of a shard made earlier with the same settings and label, else None."""
+def _stamp(file: Path) -> str:
+    """The source file's size and modification time: a file replaced under the same name is encoded again."""
+    st = file.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _finished(shard: Path, settings: str, label: int | None, stamp: str) -> int | None:
+    """The frame count of a shard made earlier from this file (as it is now) with the same settings and label, else
+    None. Shards from before stamps were recorded are trusted."""
     if not shard.is_file():
         return None
     try:
         with safe_open(str(shard), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("settings") != settings or meta.get("label") != str(label):
+                return None
+            if meta.get("stamp", stamp) != stamp:
                 return None
             return f.get_slice("latents").get_shape()[0]
     except (SafetensorError, OSError):  # an unreadable shard is simply made again

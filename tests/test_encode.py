@@ -92,6 +92,19 @@ def test_rerun_resumes(videos, tmp_path):
     assert encode(videos, tmp_path, size=32, labels="folders", flip=True)["encoded"] == 6
 
 
+def test_a_replaced_source_is_encoded_again(videos, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(videos, src)
+    encode(src, tmp_path / "out", size=32, labels="folders")
+    replaced = sorted(src.rglob("video_*.mp4"))[0]
+    shutil.copy(sorted(src.rglob("video_*.mp4"))[-1], replaced)  # another video under the same name
+    summary = encode(src, tmp_path / "out", size=32, labels="folders")
+    assert (summary["encoded"], summary["done"]) == (1, 5)
+    rel = replaced.relative_to(src).as_posix()
+    got = load_file(tmp_path / "out" / f"{rel}.safetensors")["latents"].float()
+    assert torch.allclose(got, read_video(replaced, 32), atol=1e-2)
+
+
 def test_stride_min_frames_and_images(tmp_path):
     src = tmp_path / "src"
     synth(src / "long", videos=2, frames=9, size=32, classes=1, seed=1)
