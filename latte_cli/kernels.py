@@ -29,9 +29,8 @@ def cpu_has_amx() -> bool:
 CPU_AMX = cpu_has_amx()
 FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_LINEAR = FUSED_GELU  # the same oneDNN entry point
-# dtypes that oneDNN's matmul takes here: bf16 needs AVX-512 (or AMX) on x86; without it bf16 stays with ATen
-FUSED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                                   else ())
+ONEDNN_BF16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # x86: AVX-512 or AMX; else ATen's
+FUSED_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN_BF16 else (torch.float32,)  # the dtypes oneDNN takes here
 GELU_DTYPES = (torch.float32, torch.bfloat16)  # the compiled training GELU (any CPU)
 ONEDNN_WEIGHT_GRAD = (torch.float32,)  # dtypes whose weight gradient goes through oneDNN too
 
@@ -267,9 +266,11 @@ def training_gelu(h):
     if COMPILED_GELU is None:
         try:  # compile both now, on this shape, so that a missing compiler shows here and not mid-backward
             COMPILED_GELU = tuple(torch.compile(f, dynamic=True) for f in (gelu_forward, gelu_backward))
-            w = h.detach().requires_grad_(h.requires_grad)  # as CompiledGelu calls them (else they compile again):
-            with torch.no_grad():  # no autograd, the forward under the caller's autocast, the backward as
-                y = COMPILED_GELU[0](w)  # loss.backward() runs it, without autocast
+            # the trial run in the modes CompiledGelu calls them in (else each compiles again): an input that
+            # requires grad, no autograd, the forward under the caller's autocast, the backward without
+            w = h.detach().requires_grad_(h.requires_grad)
+            with torch.no_grad():
+                y = COMPILED_GELU[0](w)
                 with torch.autocast("cpu", enabled=False):
                     COMPILED_GELU[1](y, w)
         except Exception:  # noqa: BLE001 - any failure of the compiler leaves the (same) ATen function
