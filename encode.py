@@ -23,9 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from latte_cli import LatteError, resolve_device
+from latte_cli import LatteError, replacing, resolve_device
 from latte_cli.vae import PRECISIONS, load_vae
-from latte_cli.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_video, replacing
+from latte_cli.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_video
 
 INDEX = "index.json"
 
@@ -65,12 +65,12 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
 
     entries, todo = [], []
     for rel, label in items:
-        shard = out / rel.parent / f"{rel.name}.safetensors"
-        frames = _finished(shard, settings, label, _stamp(src / rel))
+        shard, stamp = out / rel.parent / f"{rel.name}.safetensors", _stamp(src / rel)  # (stamped before reading)
+        frames = _finished(shard, settings, label, stamp)
         if frames is None:
-            todo.append((rel, label, shard))
-        elif too_short(rel, frames):  # made by an earlier run with a lower --min-frames
-            skipped.append(dict(file=rel.as_posix(), reason=too_short(rel, frames)))
+            todo.append((rel, label, shard, stamp))
+        elif reason := too_short(rel, frames):  # made by an earlier run with a lower --min-frames
+            skipped.append(dict(file=rel.as_posix(), reason=reason))
         else:
             entries.append(_entry(out, rel, shard, frames, label))
     done = len(entries)
@@ -85,14 +85,14 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
     with Progress(*columns, console=console) as progress, ThreadPoolExecutor(1) as reader:
         task = progress.add_task("encode", total=len(items), completed=done, speed="")
         pending = reader.submit(read, todo[0][0]) if todo else None
-        for i, (rel, label, shard) in enumerate(todo):
+        for i, (rel, label, shard, stamp) in enumerate(todo):
             current = pending
             if i + 1 < len(todo):
                 pending = reader.submit(read, todo[i + 1][0])
             try:
                 x = current.result()  # (T, 3, size, size) in [-1, 1]
-                if too_short(rel, len(x)):
-                    raise LatteError(too_short(rel, len(x)))
+                if reason := too_short(rel, len(x)):
+                    raise LatteError(reason)
             except LatteError as e:
                 skipped.append(dict(file=rel.as_posix(), reason=str(e)))
                 progress.console.print(f"[yellow]skipped:[/] {escape(str(e))}", highlight=False)
@@ -106,7 +106,7 @@ def encode(src: str | Path, out: str | Path, vae: str | Path | nn.Module = "none
             if label is not None:
                 tensors["label"] = torch.tensor(label, dtype=torch.int64)
             shard.parent.mkdir(parents=True, exist_ok=True)
-            meta = dict(settings=settings, label=str(label), source=rel.as_posix(), stamp=_stamp(src / rel))
+            meta = dict(settings=settings, label=str(label), source=rel.as_posix(), stamp=stamp)
             with replacing(shard) as tmp:
                 save_file(tensors, tmp, metadata=meta)
             entries.append(_entry(out, rel, shard, len(x), label))

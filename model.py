@@ -20,7 +20,6 @@ The activations stay (B, F, N, D) from embedding to output; spatial attention re
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch.nn.functional as Fn
 import torch.utils.checkpoint
 from einops import rearrange
 
-from latte_cli import kernels, umask_mode
+from latte_cli import first_line, kernels, replacing
 
 
 @dataclass
@@ -525,13 +524,8 @@ class Latte(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         meta = {"latte_config": self.config.to_json(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        with replacing(path) as tmp:
             save_file(sd, str(tmp), metadata=meta)
-            umask_mode(tmp)
-            os.replace(tmp, path)
-        finally:  # an error or Ctrl-C leaves no half-written file behind
-            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def from_pretrained(path: str | Path, num_heads: int | None = None, map_location="cpu", **overrides) -> "Latte":
@@ -605,8 +599,8 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+        raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                         f"{first_line(e)[:160]})") from None
     if isinstance(sd, dict):
         sd = sd.get("ema", sd.get("model", sd.get("state_dict", sd)))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

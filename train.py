@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from encode import load_index
-from latte_cli import LatteError, autocast, check_compiler, resolve_device
+from latte_cli import LatteError, autocast, check_compiler, first_line, resolve_device
 from latte_cli.diffusion import Diffusion, given_frames
 from model import Latte, LatteConfig, read_checkpoint
 
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig) -> Path:
         except LatteError:
             raise
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-            raise LatteError(f"cannot resume from {ckpt}: {type(e).__name__}: {str(e).strip()[:200]}") from None
+            raise LatteError(f"cannot resume from {ckpt}: {type(e).__name__}: {first_line(e)[:200]}") from None
         start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
         log.line(f"resumed from {ckpt} at step {start}")
         free = ("out", "resume", "steps", "minutes", "log_every", "ckpt_every", "keep_last", "progress", "device",
@@ -416,6 +416,12 @@ def train(cfg: TrainConfig) -> Path:
     log.start(cfg.steps, start)
     began = time.perf_counter() - seconds  # elapsed: training seconds, on the device (NCCL broadcasts no CPU tensor)
     elapsed = torch.tensor(seconds, dtype=torch.float64, device=device)
+
+    def stop(what: str, step: int):  # a NaN or infinite value: before the weights take it, naming the last checkpoint
+        opt.zero_grad(set_to_none=True)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        raise LatteError(f"{what} at step {step}; stopped ({where})")
+
     for step in range(start, cfg.steps):
         model.train()
         for group in opt.param_groups:
@@ -441,16 +447,12 @@ def train(cfg: TrainConfig) -> Path:
             dist.all_reduce(terms)  # a sum: gloo has no average
             terms /= world
         if not torch.isfinite(terms).all():
-            opt.zero_grad(set_to_none=True)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-            raise LatteError(f"the loss became {terms[0].item()} at step {step}; stopped ({where})")
+            stop(f"the loss became {terms[0].item()}", step)
         scaler.unscale_(opt)
         clip = cfg.clip_grad if cfg.clip_grad > 0 and step >= cfg.clip_grad_from else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
         if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
-            opt.zero_grad(set_to_none=True)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-            raise LatteError(f"the gradient norm became {grad_norm.item()} at step {step}; stopped ({where})")
+            stop(f"the gradient norm became {grad_norm.item()}", step)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

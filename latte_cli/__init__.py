@@ -1,6 +1,10 @@
 """latte: the command line and the parts the stages share (diffusion maths, the VAE, video I/O)."""
 
-from contextlib import nullcontext
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision -> torch dtype name
 
@@ -40,17 +44,31 @@ def check_compiler(device) -> None:
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
     except Exception as e:  # noqa: BLE001 - whatever the compiler stack raises
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise LatteError(f"--compile: torch.compile does not work here ({type(e).__name__}: {first})") from None
+        raise LatteError(f"--compile: torch.compile does not work here ({type(e).__name__}: "
+                         f"{first_line(e)[:200]})") from None
 
 
-def umask_mode(path) -> None:
-    """Give a new file the permissions the user's umask asks for: safetensors writes 0600 whatever it is, so
-    shards and checkpoints would be unreadable to the rest of a shared machine."""
-    import os
-    import re
-    from pathlib import Path
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (the one line an error shows), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary name next to path and rename it to path once the block has written it, so that
+    readers see the whole file or none; a failed or interrupted write leaves path untouched. The file gets the
+    permissions the umask asks for (safetensors writes 0600 whatever it is)."""
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: folder scans skip it
+    try:
+        yield tmp
+        _umask_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask_mode(path: Path) -> None:
     try:  # Linux shows the umask without changing it
         mask = int(re.search(r"Umask:\s+(\d+)", Path("/proc/self/status").read_text())[1], 8)
     except (OSError, TypeError):

@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from latte_cli import PRECISIONS, LatteError, autocast, check_compiler, kernels, resolve_device
+from latte_cli import PRECISIONS, LatteError, autocast, check_compiler, kernels, replacing, resolve_device
 from latte_cli.diffusion import Diffusion, classifier_free_guidance
 from latte_cli.vae import AutoencoderKL, VAEConfig
 from model import Latte, LatteConfig
@@ -119,9 +119,8 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
             result["vae"][p] = {"vae": vae_name, **vae_rates(autoencoder, 1 if quick else 2, size, p, dev, run)}
 
     result["machine"]["load_average_after"] = load_average()
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    with replacing(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print_tables(result)
     Console(highlight=False).print(f"wrote {out}")
     return result

@@ -21,7 +21,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from latte_cli import PRECISIONS, LatteError, autocast
+from latte_cli import PRECISIONS, LatteError, autocast, first_line
 
 
 @dataclass(frozen=True)
@@ -287,8 +287,7 @@ def read_state_dict(file: Path) -> dict[str, Tensor]:
             return load_file(file)
         sd = torch_load_weights(file)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LatteError(f"cannot read VAE weights {file}: {reason}") from e
+        raise LatteError(f"cannot read VAE weights {file}: {first_line(e)}") from e
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd  # LDM .ckpt files wrap it with the step
     if not isinstance(sd, dict):
         raise LatteError(f"{file} does not hold a state dict")

@@ -4,9 +4,6 @@ make the synthetic data set of bouncing shapes used by the demo and the tests.
 Frames are (T, 3, H, W) float tensors in [-1, 1], the range the VAE encodes and decodes."""
 
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -15,7 +12,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 from torch import Tensor
 
-from latte_cli import LatteError, umask_mode
+from latte_cli import LatteError, replacing
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # one-frame items for joint training (Latte+IMG)
@@ -104,19 +101,6 @@ def contact_sheet(path: str | Path, videos: list[Tensor] | Tensor, max_frames: i
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
         tmp.write_bytes(b"".join(bytes(p) for p in packets))
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary name next to path and rename it to path once the block has written it, so that
-    readers see the whole file or none; a failed or interrupted write leaves path untouched."""
-    tmp = path.with_name(f".{path.name}.tmp")  # hidden: folder scans skip it
-    try:
-        yield tmp
-        umask_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_video(frames: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ def test_written_files_follow_the_umask(tmp_path):
     temporary file private (safetensors writes 0600)."""
     from safetensors.torch import save_file
 
-    from latte_cli.video import replacing
+    from latte_cli import replacing
 
     before = os.umask(0o022)
     try:
