@@ -1,8 +1,8 @@
 """Faster kernels for model.py on the CPU: the same functions as their plain PyTorch forms, computed in ways that
 measured faster there. model.py calls the entry points below; each falls back to the plain form.
 
-  attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, the products written out, or (fp32,
-                         long rows) a matrix at a time through oneDNN
+  attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, the products written out, (fp32, long
+                         rows) a matrix at a time through oneDNN, or (bf16, no autograd) attention.c
   Linear                 nn.Linear, its products through oneDNN
   linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, two compiled passes, or ATen's GELU
 
@@ -12,21 +12,28 @@ README's performance section has the figures.
 
 import contextlib
 import contextvars
+import ctypes
+import hashlib
 import math
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as Fn
 
 
-def cpu_has_amx() -> bool:
+def cpu_flags() -> set[str]:
     try:
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration, IndexError):
+        return set()
 
 
-CPU_AMX = cpu_has_amx()
+CPU_FLAGS = cpu_flags()
+CPU_AMX = "amx_bf16" in CPU_FLAGS
 FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_LINEAR = FUSED_GELU  # the same oneDNN entry point
 ONEDNN_BF16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # x86: AVX-512 or AMX; else ATen's
@@ -64,6 +71,8 @@ def attention(q, k, v):
     strided qkv projection (the batched products would copy them anyway, operand by operand), and the 1/sqrt(Dh)
     rides on the q k^T product instead of a pass over q."""
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not training and native_attention_fits(q, k, v):
+        return native_attention(q, k, v)
     if looped_attention_fits(q):
         return LoopedAttention.apply(q, k, v) if training else looped_attention(q, k, v)[0]
     if not (q.device.type == "cpu" and q.dtype != torch.float32 and (training or not CPU_AMX)):
@@ -135,6 +144,67 @@ class LoopedAttention(torch.autograd.Function):
             dk[i] = mm_t(ds.t(), q[i].t())                                             # ds^T q_scaled
         dq *= q.shape[-1] ** -0.5
         return tuple(d.view(shape) for d, shape in zip((dq, dk, dv), ctx.shapes, strict=True))
+
+
+# bf16 attention without autograd (sampling) on x86 CPUs with AVX-512 BF16 but no AMX: attention.c, compiled on
+# first use with the system's C compiler and loaded through ctypes. It computes a (sequence, head) matrix at a time
+# in registers and the L1 cache, with a polynomial exponential, reading q, k and v in place in the qkv projection and
+# writing the output in the order the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x
+# 64) 4.7 ms against 8.7 ms for the products written out, and more exact (the scores stay fp32). Where the CPU, the
+# compiler or the shapes do not fit, the paths above run.
+NATIVE_ATTENTION = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= CPU_FLAGS and not CPU_AMX
+NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
+NATIVE = {}  # "fn": the loaded function once built, or None where building failed
+
+
+def native_attention_fits(q, k, v) -> bool:
+    return (NATIVE_ATTENTION and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.dim() == 4 and q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()
+            and q.stride(-1) == 1 and q.shape[-2] % 16 == 0 and q.shape[-1] % 2 == 0
+            and not torch.compiler.is_compiling() and native_kernel() is not None)
+
+
+def native_kernel():
+    """attention.c's attention_bf16, built into the user's cache folder on first use; None where it cannot be."""
+    if "fn" not in NATIVE:
+        NATIVE["fn"] = None
+        source = Path(__file__).with_name("attention.c")
+        compiler = shutil.which(os.environ.get("CC", "cc"))
+        digest = hashlib.sha256(source.read_bytes() + " ".join(NATIVE_FLAGS).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latte"
+        lib = cache / f"attention-{digest}.so"
+        try:
+            if not lib.exists():
+                if compiler is None:
+                    return None
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")  # several processes may build at once
+                try:
+                    subprocess.run([compiler, *NATIVE_FLAGS, "-o", str(tmp), str(source)], check=True,
+                                   capture_output=True, timeout=300)
+                    os.replace(tmp, lib)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            fn = ctypes.CDLL(str(lib)).attention_bf16
+        except (OSError, subprocess.SubprocessError):
+            return None
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long] * 6 + [
+            ctypes.c_float, ctypes.c_int]
+        NATIVE["fn"] = fn
+    return NATIVE["fn"]
+
+
+def native_attention(q, k, v):
+    """q, k, v (S, h, L, Dh) bf16 views with the same strides -> (S, h, L, Dh), a view of an (S, L, h, Dh) tensor.
+    The matrices are split over torch's threads (ctypes lets go of the GIL while it runs)."""
+    S, h, L, Dh = q.shape
+    out = q.new_empty(S, L, h, Dh).transpose(1, 2)
+    code = NATIVE["fn"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), S, h, L, Dh, *q.stride()[:3],
+                        *out.stride()[:3], Dh ** -0.5, torch.get_num_threads())
+    if code:
+        raise MemoryError("attention.c could not allocate its buffers")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- linear

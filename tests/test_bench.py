@@ -254,6 +254,90 @@ def test_short_rows_take_the_softmax_in_fp32(monkeypatch):
     assert runs[0][2] < 0.05 and runs[0][2] <= 1.5 * runs[1][2]
 
 
+needs_native = pytest.mark.skipif(not kernels.NATIVE_ATTENTION or kernels.native_kernel() is None,
+                                  reason="attention.c needs x86 AVX-512 BF16 without AMX and a C compiler")
+
+
+@needs_native
+@pytest.mark.parametrize("S, L, h, Dh", [(2, 256, 6, 64), (3, 48, 3, 72), (5, 16, 2, 8), (1, 160, 2, 130)])
+def test_native_attention_matches_float64(S, L, h, Dh):
+    """attention.c (bf16, no autograd) against float64 attention on the same bf16 inputs, q, k and v strided in one
+    qkv projection as the model passes them: within one bf16 rounding of the output, and no further off than the
+    products written out (its scores stay fp32). The output comes back in the (S, L, h, Dh) order proj reads."""
+    torch.manual_seed(0)
+    qkv = (2 * torch.randn(S, L, 3, h, Dh)).bfloat16()  # S L 3 h Dh, as the qkv projection lays it out
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # S h L Dh, strided
+    with torch.profiler.profile() as prof:
+        out = attention(q, k, v)
+    assert not any("bmm" in e.name or "softmax" in e.name for e in prof.events())  # not the written-out path
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    written = kernels.attention(q.detach().requires_grad_(), k, v).detach()  # autograd: the written-out products
+    error, written_error = ((o.double() - ref).abs().max().item() for o in (out, written))
+    assert error <= 2 ** -8 * ref.abs().max().item() and error <= written_error
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+
+
+@needs_native
+def test_native_attention_keeps_nans_and_splits_work_exactly(monkeypatch):
+    """A NaN in a query row gives that row NaN (as torch's attention does) and no other; the matrices split over
+    two threads give the very bytes of one thread."""
+    q, k, v = (torch.randn(4, 2, 32, 16).bfloat16() for _ in range(3))
+    q[1, 0, 5, 3] = float("nan")
+    out = attention(q, k, v)
+    assert out[1, 0, 5].isnan().all() and out.isnan().sum() == 16
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(attention(q, k, v))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num())
+
+
+def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
+    """With no C compiler (and nothing built before), bf16 attention without autograd takes the written-out
+    products: the same function, no error."""
+    monkeypatch.setattr(kernels, "NATIVE", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert kernels.native_kernel() is None and not list(tmp_path.rglob("*.so"))
+    q, k, v = (torch.randn(2, 3, 32, 8).bfloat16() for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.allclose(attention(q, k, v).double(), ref, atol=3e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("variant", [1, 4])
+def test_native_attention_in_the_model(variant, monkeypatch):
+    """A bf16 forward without autograd with attention.c (spatial attention over 64 tokens and temporal over 16 frames,
+    images appended) and without it: the same model output to bf16 precision, both as close to the fp32 model."""
+    cfg = LatteConfig(input_size=16, num_frames=16, hidden_size=64, depth=2, num_heads=4, variant=variant,
+                      num_classes=3)
+    torch.manual_seed(0)
+    net = Latte(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(std=0.1)
+    x, t, y = torch.randn(2, 18, 4, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 2])
+    calls = []
+    monkeypatch.setattr(kernels, "native_attention", lambda *a: calls.append(1) or NATIVE_ATTENTION(*a))
+    with torch.no_grad():
+        ref = net(x, t, y, num_images=2).double()
+        outs = []
+        for native in (True, False):
+            monkeypatch.setattr(kernels, "NATIVE_ATTENTION", native)
+            with torch.autocast("cpu", dtype=torch.bfloat16), kernels.frozen_weights():
+                outs.append(net(x, t, y, num_images=2).double())
+    assert len(calls) == 2 * cfg.depth // (2 if variant == 1 else 1)  # one call per attention, in the first run
+    errors = [(o - ref).abs().max().item() for o in outs]
+    assert errors[0] < 0.06 and errors[0] <= 1.5 * errors[1], errors
+
+
+NATIVE_ATTENTION = kernels.native_attention
+
+
 @pytest.mark.parametrize("variant", [1, 3, 4])
 def test_fp32_and_float64_models_agree(variant, monkeypatch):
     """The fp32 model (on the CPU: oneDNN's linear layers, the oneDNN attention loop over 144-token frames, the
