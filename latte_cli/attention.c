@@ -1,12 +1,14 @@
-/* softmax(q k^T * scale) v in bf16 on x86 CPUs with AVX-512 BF16, one (sequence, head) matrix at a time, for
- * attention without autograd (sampling). Built and loaded by kernels.py; the same function as torch's attention.
+/* softmax(q k^T * scale) v in bf16, and its backward, on x86 CPUs with AVX-512 BF16: one (sequence, head) matrix at
+ * a time, in registers and the L1/L2 caches. Built and loaded by kernels.py; the same function as torch's attention.
  *
- * Per matrix: k and v are repacked so that vdpbf16ps (16 lanes, each the dot product of a pair of bf16) reads
- * them a register at a time; then for each tile of query rows: the scores of the tile against every key in fp32
- * registers (to an L1 buffer), their exponentials with a polynomial 2^x, unnormalised probabilities rounded to
- * bf16, and p v, divided by the row sums on the way out. q, k and v are read in place through their strides (the
- * columns of one qkv projection), and the output is written in place through its own.
- * Shapes: L rows (keys, queries), Dh head width; L a multiple of 16, Dh even. */
+ * Every product is one micro-kernel, vdpbf16ps: 16 fp32 lanes, each adding the dot product of a pair of bf16. Its
+ * B operand is a register of 16 such pairs, its A operand one pair broadcast, so each product's operands are first
+ * laid out as pairs along the dimension it sums over: "pairs" (the 32-bit words of a row, transposed: k for q k^T)
+ * or "interleaved" (two rows zipped: v for p v). Forward, per tile of query rows: the scores against every key in
+ * fp32, their exponentials with a polynomial 2^x, probabilities rounded to bf16, p v. Backward: dp = g v^T,
+ * ds = p (dp - rowsum(p dp)), dq = ds k, dv = p^T g, dk = ds^T q. q, k, v, the output and the gradients are read
+ * and written in place through their strides (the columns of one qkv projection).
+ * Shapes: L rows (keys, queries), a multiple of 16; Dh head width, even. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -15,8 +17,8 @@
 
 typedef uint16_t bf16;
 
-#define ROWS 12  /* query rows per score tile: 12 rows x 32 keys = 24 fp32 accumulators */
-#define PV_ROWS 4  /* rows per p v tile: 4 rows x 64 columns = 16 accumulators */
+#define ROWS 8  /* rows of a tile as wide as L: 8 rows x 32 columns = 16 accumulators */
+#define NARROW_ROWS 4  /* rows of a tile as wide as Dh: 4 rows x 64 columns = 16 accumulators */
 
 static inline __m512 exp2_nonpositive(__m512 x) {  /* 2^x for x <= 0: 2^frac by a degree-5 polynomial, then scalef */
     x = _mm512_max_ps(_mm512_set1_ps(-126.f), x);  /* (a NaN stays NaN: max returns its second operand) */
@@ -31,179 +33,239 @@ static inline __m512 exp2_nonpositive(__m512 x) {  /* 2^x for x <= 0: 2^frac by 
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __m512bh pair(const bf16 *x) {  /* x[0], x[1] in every lane */
+static inline __m512bh pair_at(const bf16 *x) {  /* x[0], x[1] in every lane */
     int32_t w;
     memcpy(&w, x, 4);
     return (__m512bh)_mm512_set1_epi32(w);
 }
 
-/* scores s[r][j] = q[r] . k[j] for R rows and 16 KZ keys from key j0; kp[dp][j] holds k[j][2dp:2dp+2] */
-static inline __attribute__((always_inline)) void score_tile(int R, int KZ, const bf16 *q, long rs, const bf16 *kp,
-                                                             int L, int Dh, int j0, float *s) {
-    __m512 acc[ROWS][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int dp = 0; dp < Dh / 2; dp++) {
-        const bf16 *kr = kp + ((long)dp * L + j0) * 2;
-        __m512bh b0 = (__m512bh)_mm512_loadu_si512(kr), b1 = b0;
-        if (KZ == 2) b1 = (__m512bh)_mm512_loadu_si512(kr + 32);
+static inline __mmask16 lanes_mask(int n) { return (__mmask16)((1u << (n < 16 ? n : 16)) - 1); }
+
+/* c[r][0 : 16 NZ] = sum over kp < K2 of pair(a + r ar + kp ak) . (the 16 NZ pairs at b + kp bk), for R rows; the
+ * last register reads `lanes` pairs. Strides in bf16 elements. */
+static inline __attribute__((always_inline)) void tile(int R, int NZ, int lanes, int K2, const bf16 *a, long ar,
+                                                       long ak, const bf16 *b, long bk, float *c, long cr) {
+    __m512 acc[ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int z = 0; z < NZ; z++) acc[r][z] = _mm512_setzero_ps();
+    for (int kp = 0; kp < K2; kp++) {
+        __m512bh bz[4];
+        for (int z = 0; z < NZ; z++)
+            bz[z] = (__m512bh)(z == NZ - 1 && lanes < 16 ? _mm512_maskz_loadu_epi32(lanes_mask(lanes), b + kp * bk + 32 * z)
+                                                        : _mm512_loadu_si512(b + kp * bk + 32 * z));
         for (int r = 0; r < R; r++) {
-            __m512bh a = pair(q + r * rs + 2 * dp);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-            if (KZ == 2) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+            __m512bh x = pair_at(a + r * ar + kp * ak);
+            for (int z = 0; z < NZ; z++) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], x, bz[z]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        _mm512_storeu_ps(s + (long)r * L + j0, acc[r][0]);
-        if (KZ == 2) _mm512_storeu_ps(s + (long)r * L + j0 + 16, acc[r][1]);
-    }
+    for (int r = 0; r < R; r++)
+        for (int z = 0; z < NZ; z++) _mm512_storeu_ps(c + r * cr + 16 * z, acc[r][z]);
 }
 
-static void scores(int R, const bf16 *q, long rs, const bf16 *kp, int L, int Dh, float *s) {
-    for (int j0 = 0; j0 < L; j0 += 32) {
-        int kz = L - j0 >= 32 ? 2 : 1;
-        if (R == ROWS && kz == 2) score_tile(ROWS, 2, q, rs, kp, L, Dh, j0, s);
-        else if (R == ROWS) score_tile(ROWS, 1, q, rs, kp, L, Dh, j0, s);
-        else if (kz == 2) score_tile(R, 2, q, rs, kp, L, Dh, j0, s);  /* the last few rows */
-        else score_tile(R, 1, q, rs, kp, L, Dh, j0, s);
-    }
+/* C (M x N, fp32, row stride cr, rows padded to a multiple of 16) = A B over K2 pairs, B's rows of pairs bk apart:
+ * wide (N = L) in tiles of ROWS x 32, else (N = Dh) NARROW_ROWS x 64; the full tiles with constant sizes. */
+static void product(int wide, int M, int N, int K2, const bf16 *a, long ar, long ak, const bf16 *b, long bk,
+                    float *c, long cr) {
+    int R = wide ? ROWS : NARROW_ROWS, NZ = wide ? 2 : 4;
+    for (int i = 0; i < M; i += R)
+        for (int j = 0; j < N; j += 16 * NZ) {
+            int rows = M - i < R ? M - i : R, cols = N - j < 16 * NZ ? N - j : 16 * NZ;
+            int nz = (cols + 15) / 16, lanes = cols - 16 * (nz - 1);
+            const bf16 *ai = a + i * ar, *bj = b + 2 * j;
+            float *cij = c + i * cr + j;
+            if (rows < R)  /* (L and M are multiples of 16: no partial row tiles) */
+                tile(rows, nz, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+            else if (wide && nz == 2) tile(ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+            else if (wide) tile(ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+            else if (nz == 4) tile(NARROW_ROWS, 4, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+            else if (nz == 3) tile(NARROW_ROWS, 3, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+            else if (nz == 2) tile(NARROW_ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+            else tile(NARROW_ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
+        }
 }
 
-/* out[r] = (p[r] v) / sums[r] for R <= PV_ROWS rows; vp[jp][d] holds (v[2jp][d], v[2jp+1][d]) */
-static void pv_tile(int R, const bf16 *p, const bf16 *vp, int L, int Dh, const float *inv, bf16 *out, long os) {
-    for (int d0 = 0; d0 < Dh; d0 += 64) {
-        int width = Dh - d0 < 64 ? Dh - d0 : 64;
-        __m512 acc[PV_ROWS][4];
-        for (int r = 0; r < PV_ROWS; r++)
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-        if (width == 64 && R == PV_ROWS) {
-            for (int jp = 0; jp < L / 2; jp++) {
-                const bf16 *vr = vp + ((long)jp * Dh + d0) * 2;
-                __m512bh b0 = (__m512bh)_mm512_loadu_si512(vr), b1 = (__m512bh)_mm512_loadu_si512(vr + 32);
-                __m512bh b2 = (__m512bh)_mm512_loadu_si512(vr + 64), b3 = (__m512bh)_mm512_loadu_si512(vr + 96);
-                for (int r = 0; r < PV_ROWS; r++) {
-                    __m512bh a = pair(p + (long)r * L + 2 * jp);
-                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
-                    acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
-                    acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+/* dst[w][j] = the w-th pair of row j of src (rows rs apart), for L rows and W pairs: 16 x 16 transposes of
+ * 32-bit words by unpacks and 128-bit shuffles */
+static void to_pairs(const bf16 *src, long rs, int L, int W, bf16 *dst) {
+    for (int j0 = 0; j0 < L; j0 += 16)
+        for (int w0 = 0; w0 < W; w0 += 16) {
+            int words = W - w0 < 16 ? W - w0 : 16;
+            __m512i r[16], t[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(lanes_mask(words), src + (j0 + i) * rs + 2 * w0);
+            for (int i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) {
+                r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+                r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+                r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+                r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+            }
+            for (int h = 0; h < 16; h += 8)
+                for (int i = 0; i < 4; i++) {
+                    t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+                    t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
                 }
+            for (int i = 0; i < 8; i++) {
+                r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+                r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
             }
-        } else {  /* a narrower last column block (Dh = 72: 64 + 8) or the last rows: masked loads */
-            for (int jp = 0; jp < L / 2; jp++) {
-                const bf16 *vr = vp + ((long)jp * Dh + d0) * 2;
-                for (int c = 0; c < 4 && 16 * c < width; c++) {
-                    int lanes = width - 16 * c < 16 ? width - 16 * c : 16;
-                    __m512bh b = (__m512bh)_mm512_maskz_loadu_epi32((__mmask16)((1u << lanes) - 1), vr + 32 * c);
-                    for (int r = 0; r < R; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pair(p + (long)r * L + 2 * jp), b);
-                }
-            }
+            for (int w = 0; w < words; w++) _mm512_storeu_si512(dst + ((long)(w0 + w) * L + j0) * 2, r[w]);
         }
-        for (int r = 0; r < R; r++) {
-            __m512 sc = _mm512_set1_ps(inv[r]);
-            for (int c = 0; c < 4 && 16 * c < width; c++) {
-                int lanes = width - 16 * c < 16 ? width - 16 * c : 16;
-                __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], sc));
-                _mm256_mask_storeu_epi16(out + r * os + d0 + 16 * c, (__mmask16)((1u << lanes) - 1), (__m256i)o);
-            }
-        }
-    }
 }
 
-/* 16 rows of up to 16 bf16 pairs (row stride rs) to up to 16 rows of 16 pairs (stride L pairs): a 16 x 16 transpose
- * of 32-bit words by unpacks and 128-bit shuffles */
-static void transpose_pairs(const bf16 *src, long rs, int words, bf16 *dst, int L) {
-    __m512i r[16], t[16];
-    __mmask16 m = (__mmask16)((1u << words) - 1);
-    for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(m, src + i * rs);
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int h = 0; h < 16; h += 8)
-        for (int i = 0; i < 4; i++) {
-            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
-            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
-        }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    }
-    for (int w = 0; w < words; w++) _mm512_storeu_si512(dst + (long)w * L * 2, r[w]);
-}
-
-static void one_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, bf16 *out, long os, int L, int Dh,
-                       float scale, bf16 *kp, bf16 *vp, float *s, bf16 *p) {
-    /* k as 32-bit pairs, transposed: kp[dp][j] = k[j][2dp:2dp+2] */
-    for (int j = 0; j < L; j += 16)
-        for (int w = 0; w < Dh / 2; w += 16) transpose_pairs(k + j * rs + 2 * w, rs, Dh / 2 - w < 16 ? Dh / 2 - w : 16,
-                                                            kp + ((long)w * L + j) * 2, L);
-    /* v two rows interleaved: vp[jp][d] = (v[2jp][d], v[2jp+1][d]) */
+/* dst[rp][c] = (src[2rp][c], src[2rp+1][c]) for `rows` (even) rows rs apart and `cols` columns */
+static void interleave(const bf16 *src, long rs, int rows, int cols, bf16 *dst) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int jp = 0; jp < L / 2; jp++)
-        for (int d = 0; d < Dh; d += 32) {
-            __mmask32 m = Dh - d >= 32 ? ~0u : (1u << (Dh - d)) - 1;
-            __m512i a = _mm512_maskz_loadu_epi16(m, v + 2L * jp * rs + d);
-            __m512i b = _mm512_maskz_loadu_epi16(m, v + (2L * jp + 1) * rs + d);
-            bf16 *dst = vp + ((long)jp * Dh + d) * 2;
-            __mmask32 m2 = Dh - d >= 16 ? ~0u : (1u << (2 * (Dh - d))) - 1;
-            _mm512_mask_storeu_epi16(dst, m2, _mm512_permutex2var_epi16(a, lo, b));
-            if (Dh - d > 16) {
-                __mmask32 m3 = Dh - d >= 32 ? ~0u : (1u << (2 * (Dh - d - 16))) - 1;
-                _mm512_mask_storeu_epi16(dst + 32, m3, _mm512_permutex2var_epi16(a, hi, b));
-            }
+    for (int rp = 0; rp < rows / 2; rp++)
+        for (int c = 0; c < cols; c += 32) {
+            int n = cols - c < 32 ? cols - c : 32;
+            __mmask32 m = n == 32 ? ~0u : (1u << n) - 1;
+            __m512i x = _mm512_maskz_loadu_epi16(m, src + 2L * rp * rs + c);
+            __m512i y = _mm512_maskz_loadu_epi16(m, src + (2L * rp + 1) * rs + c);
+            bf16 *d = dst + ((long)rp * cols + c) * 2;
+            _mm512_mask_storeu_epi16(d, n >= 16 ? ~0u : (1u << 2 * n) - 1, _mm512_permutex2var_epi16(x, lo, y));
+            if (n > 16) _mm512_mask_storeu_epi16(d + 32, n == 32 ? ~0u : (1u << 2 * (n - 16)) - 1,
+                                                 _mm512_permutex2var_epi16(x, hi, y));
         }
+}
+
+/* out[r][0:n] = bf16(c[r][0:n] * scale[r * step]) for R rows */
+static void store_rows(int R, int n, const float *c, long cr, const float *scale, int step, bf16 *out, long os) {
+    for (int r = 0; r < R; r++) {
+        __m512 s = _mm512_set1_ps(scale[r * step]);
+        for (int j = 0; j < n; j += 16)
+            _mm256_mask_storeu_epi16(out + r * os + j, lanes_mask(n - j),
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * cr + j), s)));
+    }
+}
+
+static inline int padded(int n) { return (n + 15) / 16 * 16; }
+
+typedef struct {  /* one thread's buffers */
+    bf16 *pairs, *inter, *p, *ds;
+    float *c, *narrow;
+} scratch;
+
+static int scratch_init(scratch *s, int L, int Dh) {
+    size_t LD = (size_t)L * padded(Dh);
+    s->pairs = malloc(sizeof(bf16) * 3 * LD);  /* k as pairs (forward) or v as pairs, q, k interleaved */
+    s->inter = malloc(sizeof(bf16) * 2 * LD);  /* v interleaved (forward) or g interleaved, and spare */
+    s->p = malloc(sizeof(bf16) * (size_t)ROWS * L);
+    s->ds = malloc(sizeof(bf16) * 2 * (size_t)L * L);
+    s->c = malloc(sizeof(float) * (size_t)ROWS * L);
+    s->narrow = malloc(sizeof(float) * (size_t)L * padded(Dh));
+    return s->pairs && s->inter && s->p && s->ds && s->c && s->narrow;
+}
+
+static void scratch_free(scratch *s) { free(s->pairs), free(s->inter), free(s->p), free(s->ds), free(s->c), free(s->narrow); }
+
+/* probs: NULL (no autograd: unnormalised probabilities, divided out at the end) or L x L, normalised, kept */
+static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, bf16 *out, long os, bf16 *probs,
+                           int L, int Dh, float scale, scratch *s) {
+    bf16 *kp = s->pairs, *vi = s->inter;
+    to_pairs(k, rs, L, Dh / 2, kp);
+    interleave(v, rs, L, Dh, vi);
     const float c = scale * 1.4426950408889634f;  /* e^(x scale) = 2^(x c) */
+    float inv[ROWS], one = 1.f;
     for (int i0 = 0; i0 < L; i0 += ROWS) {
         int R = L - i0 < ROWS ? L - i0 : ROWS;
-        scores(R, q + (long)i0 * rs, rs, kp, L, Dh, s);
-        float inv[ROWS];
-        for (int r = 0; r < R; r++) {  /* unnormalised probabilities 2^((s - max) c) in bf16, and 1 / their sum */
-            const float *sr = s + (long)r * L;
+        product(1, R, L, Dh / 2, q + i0 * rs, rs, 2, kp, 2L * L, s->c, L);  /* scores */
+        bf16 *p = probs ? probs + (long)i0 * L : s->p;
+        for (int r = 0; r < R; r++) {  /* probabilities 2^((s - max) c) */
+            float *sr = s->c + (long)r * L;
             __m512 m = _mm512_loadu_ps(sr);
             for (int j = 16; j < L; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
             __m512 mc = _mm512_set1_ps(_mm512_reduce_max_ps(m) * c), cc = _mm512_set1_ps(c), sum = _mm512_setzero_ps();
             for (int j = 0; j < L; j += 16) {
                 __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), cc, mc));
                 sum = _mm512_add_ps(sum, e);
-                _mm256_storeu_si256((__m256i *)(p + (long)r * L + j), (__m256i)_mm512_cvtneps_pbh(e));
+                _mm512_storeu_ps(sr + j, e);
             }
             inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+            store_rows(1, L, sr, L, probs ? inv + r : &one, 0, p + (long)r * L, L);  /* kept ones normalised */
         }
-        for (int r0 = 0; r0 < R; r0 += PV_ROWS)
-            pv_tile(R - r0 < PV_ROWS ? R - r0 : PV_ROWS, p + (long)r0 * L, vp, L, Dh, inv + r0,
-                    out + (long)(i0 + r0) * os, os);
+        product(0, R, Dh, L / 2, p, L, 2, vi, 2L * Dh, s->narrow, padded(Dh));  /* p v */
+        store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os);
     }
 }
 
-/* All n_seq x n_heads matrices, split over `threads` OpenMP threads (torch's own, where this library binds to the
- * libgomp torch loaded). Strides in elements: q, k, v share (seq, head, row), the last dimension contiguous; out
- * has its own. Returns 0, 1 for shapes it does not take, 2 when out of memory. */
-int attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, long n_seq, long n_heads, int L, int Dh,
-                   long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, float scale,
-                   int threads) {
-    if (L < 16 || L % 16 || Dh < 2 || Dh % 2) return 1;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        bf16 *kp = malloc(sizeof(bf16) * 2 * (size_t)L * Dh), *p = malloc(sizeof(bf16) * ROWS * (size_t)L);
-        float *s = malloc(sizeof(float) * ROWS * (size_t)L);
-        failed = !kp || !p || !s;
-#pragma omp for schedule(static)
-        for (long m = 0; m < n_seq * n_heads; m++) {
-            if (failed) continue;
-            long seq = m / n_heads, head = m % n_heads, at = seq * s_seq + head * s_head;
-            one_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row, L, Dh, scale,
-                       kp, kp + (size_t)L * Dh, s, p);
+static inline __m512 load_bf16(const bf16 *x, int n) {  /* up to 16 bf16 as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes_mask(n), x)), 16));
+}
+
+static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, const bf16 *out, long os,
+                            const bf16 *probs, const bf16 *g, long gs, bf16 *dq, bf16 *dk, bf16 *dv, long ds_, int L,
+                            int Dh, float scale, scratch *s) {
+    size_t LD = (size_t)L * padded(Dh);
+    bf16 *vp = s->pairs, *qi = s->pairs + LD, *ki = s->pairs + 2 * LD, *gi = s->inter, *ds = s->ds, *ti = s->ds + (size_t)L * L;
+    to_pairs(v, rs, L, Dh / 2, vp);
+    interleave(q, rs, L, Dh, qi);
+    interleave(k, rs, L, Dh, ki);
+    interleave(g, gs, L, Dh, gi);
+    for (int i0 = 0; i0 < L; i0 += ROWS) {  /* dp = g v^T, then ds = p (dp - delta), delta = rowsum(p dp) = g . out */
+        product(1, ROWS, L, Dh / 2, g + i0 * gs, gs, 2, vp, 2L * L, s->c, L);
+        for (int r = 0; r < ROWS; r++) {
+            long i = i0 + r;
+            __m512 acc = _mm512_setzero_ps();
+            for (int d = 0; d < Dh; d += 16)
+                acc = _mm512_fmadd_ps(load_bf16(g + i * gs + d, Dh - d), load_bf16(out + i * os + d, Dh - d), acc);
+            __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+            for (int j = 0; j < L; j += 16) {
+                __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s->c + (long)r * L + j), delta);
+                x = _mm512_mul_ps(load_bf16(probs + i * L + j, 16), x);
+                _mm256_storeu_si256((__m256i *)(ds + i * L + j), (__m256i)_mm512_cvtneps_pbh(x));
+            }
         }
-        free(kp), free(p), free(s);
     }
+    int np = padded(Dh);
+    float one = 1.f;
+    product(0, L, Dh, L / 2, ds, L, 2, ki, 2L * Dh, s->narrow, np);  /* dq = ds k scale */
+    store_rows(L, Dh, s->narrow, np, &scale, 0, dq, ds_);
+    /* dv = p^T g and dk = ds^T q scale: A's pairs run down the columns of p and ds, so interleave their rows */
+    interleave(probs, L, L, L, ti);
+    product(0, L, Dh, L / 2, ti, 2, 2L * L, gi, 2L * Dh, s->narrow, np);
+    store_rows(L, Dh, s->narrow, np, &one, 0, dv, ds_);
+    interleave(ds, L, L, L, ti);
+    product(0, L, Dh, L / 2, ti, 2, 2L * L, qi, 2L * Dh, s->narrow, np);
+    store_rows(L, Dh, s->narrow, np, &scale, 0, dk, ds_);
+}
+
+/* All n_seq x n_heads matrices, split over `threads` OpenMP threads (torch's own, where this library binds to the
+ * libgomp torch loaded). Strides in elements, the last dimension contiguous: q, k, v share (seq, head, row); out
+ * and dq, dk, dv share theirs; probs is (matrices, L, L). Returns 0, 1 for shapes it does not
+ * take, 2 when out of memory. */
+#define EACH_MATRIX(body)                                                                      \
+    if (L < 16 || L % 16 || Dh < 2 || Dh % 2) return 1;                                        \
+    int failed = 0;                                                                            \
+    _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {                       \
+        scratch s;                                                                             \
+        failed = !scratch_init(&s, L, Dh);                                                     \
+        _Pragma("omp for schedule(static)") for (long m = 0; m < n_seq * n_heads; m++) {       \
+            if (failed) continue;                                                              \
+            long seq = m / n_heads, head = m % n_heads, at = seq * s_seq + head * s_head;      \
+            body;                                                                              \
+        }                                                                                      \
+        scratch_free(&s);                                                                      \
+    }                                                                                          \
     return failed ? 2 : 0;
+
+int attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, bf16 *probs, long n_seq, long n_heads,
+                   int L, int Dh, long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row,
+                   float scale, int threads) {
+    EACH_MATRIX(forward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
+                               probs ? probs + m * L * L : NULL, L, Dh, scale, &s))
+}
+
+int attention_bf16_backward(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *out, const bf16 *probs,
+                            const bf16 *g, bf16 *dq, bf16 *dk, bf16 *dv, long n_seq, long n_heads, int L, int Dh,
+                            long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, long g_seq,
+                            long g_head, long g_row, long d_seq, long d_head, long d_row, float scale, int threads) {
+    EACH_MATRIX(long d = seq * d_seq + head * d_head;
+                backward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
+                                probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,
+                                d_row, L, Dh, scale, &s))
 }

@@ -341,7 +341,8 @@ def machine(device: torch.device) -> dict:
     return {"device": device.type, "name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average_before": load_average(),
-            "native_attention": device.type == "cpu" and kernels.NATIVE_ATTENTION and kernels.native_kernel() is not None}
+            "native_attention": device.type == "cpu" and kernels.NATIVE_ATTENTION
+            and kernels.native_kernel() is not None}
 
 
 # ------------------------------------------------------------------------------------------------ tables

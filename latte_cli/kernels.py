@@ -71,8 +71,8 @@ def attention(q, k, v):
     strided qkv projection (the batched products would copy them anyway, operand by operand), and the 1/sqrt(Dh)
     rides on the q k^T product instead of a pass over q."""
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not training and native_attention_fits(q, k, v):
-        return native_attention(q, k, v)
+    if native_attention_fits(q, k, v):
+        return NativeAttention.apply(q, k, v) if training else native_attention(q, k, v)
     if looped_attention_fits(q):
         return LoopedAttention.apply(q, k, v) if training else looped_attention(q, k, v)[0]
     if not (q.device.type == "cpu" and q.dtype != torch.float32 and (training or not CPU_AMX)):
@@ -146,15 +146,17 @@ class LoopedAttention(torch.autograd.Function):
         return tuple(d.view(shape) for d, shape in zip((dq, dk, dv), ctx.shapes, strict=True))
 
 
-# bf16 attention without autograd (sampling) on x86 CPUs with AVX-512 BF16 but no AMX: attention.c, compiled on
-# first use with the system's C compiler and loaded through ctypes. It computes a (sequence, head) matrix at a time
-# in registers and the L1 cache, with a polynomial exponential, reading q, k and v in place in the qkv projection and
-# writing the output in the order the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x
-# 64) 4.7 ms against 8.7 ms for the products written out, and more exact (the scores stay fp32). Where the CPU, the
+# bf16 attention on x86 CPUs with AVX-512 BF16 but no AMX: attention.c, compiled on first use with the system's C
+# compiler and loaded through ctypes. It computes a (sequence, head) matrix at a time in registers and the L1/L2
+# caches, with a polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in
+# the order the out projection reads. Spatial attention of Latte-S/2 (96 matrices of 256 x 64): 4.7 ms against
+# 8.7 ms for the products written out without autograd, and more exact (the scores stay fp32). Under autograd it keeps
+# the probabilities (as the written-out products do) and computes the backward the same way. Where the CPU, the
 # compiler or the shapes do not fit, the paths above run.
 NATIVE_ATTENTION = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= CPU_FLAGS and not CPU_AMX
-NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
-NATIVE = {}  # "fn": the loaded function once built, or None where building failed
+NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                "-mavx512bf16")
+NATIVE = {}  # "lib": the loaded library once built, or None where building failed
 
 
 def native_attention_fits(q, k, v) -> bool:
@@ -165,46 +167,72 @@ def native_attention_fits(q, k, v) -> bool:
 
 
 def native_kernel():
-    """attention.c's attention_bf16, built into the user's cache folder on first use; None where it cannot be."""
-    if "fn" not in NATIVE:
-        NATIVE["fn"] = None
+    """attention.c as a loaded library, built into the user's cache folder on first use; None where it cannot be."""
+    if "lib" not in NATIVE:
+        NATIVE["lib"] = None
         source = Path(__file__).with_name("attention.c")
         compiler = shutil.which(os.environ.get("CC", "cc"))
         digest = hashlib.sha256(source.read_bytes() + " ".join(NATIVE_FLAGS).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latte"
-        lib = cache / f"attention-{digest}.so"
+        path = cache / f"attention-{digest}.so"
         try:
-            if not lib.exists():
+            if not path.exists():
                 if compiler is None:
                     return None
                 cache.mkdir(parents=True, exist_ok=True)
-                tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")  # several processes may build at once
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may build at once
                 try:
                     subprocess.run([compiler, *NATIVE_FLAGS, "-o", str(tmp), str(source)], check=True,
                                    capture_output=True, timeout=300)
-                    os.replace(tmp, lib)
+                    os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
-            fn = ctypes.CDLL(str(lib)).attention_bf16
+            lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError):
             return None
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long] * 6 + [
-            ctypes.c_float, ctypes.c_int]
-        NATIVE["fn"] = fn
-    return NATIVE["fn"]
+        ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        lib.attention_bf16.argtypes = [ptr] * 5 + [long] * 2 + [int_] * 2 + [long] * 6 + [ctypes.c_float, int_]
+        lib.attention_bf16_backward.argtypes = [ptr] * 9 + [long] * 2 + [int_] * 2 + [long] * 12 + [
+            ctypes.c_float, int_]
+        NATIVE["lib"] = lib
+    return NATIVE["lib"]
 
 
-def native_attention(q, k, v):
-    """q, k, v (S, h, L, Dh) bf16 views with the same strides -> (S, h, L, Dh), a view of an (S, L, h, Dh) tensor.
-    The matrices are split over torch's threads (ctypes lets go of the GIL while it runs)."""
+def native_call(fn, *args):
+    if fn(*args, torch.get_num_threads()):  # (ctypes lets go of the GIL while it runs)
+        raise MemoryError("attention.c could not allocate its buffers")
+
+
+def native_attention(q, k, v, probs=None):
+    """q, k, v (S, h, L, Dh) bf16 views with the same strides -> (S, h, L, Dh), a view of an (S, L, h, Dh) tensor;
+    probs, (S, h, L, L) or None, receives the probabilities."""
     S, h, L, Dh = q.shape
     out = q.new_empty(S, L, h, Dh).transpose(1, 2)
-    code = NATIVE["fn"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), S, h, L, Dh, *q.stride()[:3],
-                        *out.stride()[:3], Dh ** -0.5, torch.get_num_threads())
-    if code:
-        raise MemoryError("attention.c could not allocate its buffers")
+    native_call(NATIVE["lib"].attention_bf16, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                None if probs is None else probs.data_ptr(), S, h, L, Dh, *q.stride()[:3], *out.stride()[:3],
+                Dh ** -0.5)
     return out
+
+
+class NativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        probs = q.new_empty(*q.shape[:-1], q.shape[-2])                              # S h L L
+        out = native_attention(q, k, v, probs)
+        ctx.save_for_backward(q, k, v, out, probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, probs = ctx.saved_tensors
+        S, h, L, Dh = q.shape
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        grads = q.new_empty(3, S, L, h, Dh).transpose(2, 3)                           # 3 S h L Dh
+        dq, dk, dv = grads.unbind(0)
+        native_call(NATIVE["lib"].attention_bf16_backward,
+                    *(t.data_ptr() for t in (q, k, v, out, probs, g, dq, dk, dv)), S, h, L, Dh,
+                    *(t.stride(i) for t in (q, out, g, dq) for i in range(3)), Dh ** -0.5)
+        return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------- linear

@@ -260,21 +260,34 @@ needs_native = pytest.mark.skipif(not kernels.NATIVE_ATTENTION or kernels.native
 
 @needs_native
 @pytest.mark.parametrize("S, L, h, Dh", [(2, 256, 6, 64), (3, 48, 3, 72), (5, 16, 2, 8), (1, 160, 2, 130)])
-def test_native_attention_matches_float64(S, L, h, Dh):
-    """attention.c (bf16, no autograd) against float64 attention on the same bf16 inputs, q, k and v strided in one
-    qkv projection as the model passes them: within one bf16 rounding of the output, and no further off than the
-    products written out (its scores stay fp32). The output comes back in the (S, L, h, Dh) order proj reads."""
+def test_native_attention_matches_float64(S, L, h, Dh, monkeypatch):
+    """attention.c in bf16 against float64 attention on the same bf16 inputs, q, k and v strided in one qkv
+    projection as the model passes them: the output within one bf16 rounding, with and without autograd; the
+    gradients within 1%; both no further off than the products written out (its scores stay fp32). The output
+    comes back in the (S, L, h, Dh) order proj reads."""
     torch.manual_seed(0)
     qkv = (2 * torch.randn(S, L, 3, h, Dh)).bfloat16()  # S L 3 h Dh, as the qkv projection lays it out
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # S h L Dh, strided
-    with torch.profiler.profile() as prof:
-        out = attention(q, k, v)
-    assert not any("bmm" in e.name or "softmax" in e.name for e in prof.events())  # not the written-out path
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    written = kernels.attention(q.detach().requires_grad_(), k, v).detach()  # autograd: the written-out products
-    error, written_error = ((o.double() - ref).abs().max().item() for o in (out, written))
-    assert error <= 2 ** -8 * ref.abs().max().item() and error <= written_error
-    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    g = torch.randn(S, h, L, Dh).bfloat16()
+    runs = {}
+    for name in ("native", "written", "exact"):
+        monkeypatch.setattr(kernels, "NATIVE_ATTENTION", name == "native")
+        leaf = (qkv.double() if name == "exact" else qkv.clone()).requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in leaf.unbind(2))  # S h L Dh, strided
+        with torch.profiler.profile() as prof:
+            out = F.scaled_dot_product_attention(q, k, v) if name == "exact" else attention(q, k, v)
+            out.backward(g.to(out.dtype))
+        assert any(e.name == "NativeAttentionBackward" for e in prof.events()) == (name == "native")
+        runs[name] = out.detach().double(), leaf.grad.double()
+        if name == "native":
+            with torch.no_grad():
+                inferred = attention(q, k, v)
+    ref, ref_grad = runs.pop("exact")
+    errors = {name: ((o - ref).abs().max().item(), ((gr - ref_grad).abs().max() / ref_grad.abs().max()).item())
+              for name, (o, gr) in runs.items()}
+    assert (inferred.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+    assert errors["native"][0] <= 2 ** -8 * ref.abs().max() and errors["native"][1] < 0.01
+    assert errors["native"][0] <= errors["written"][0] and errors["native"][1] <= errors["written"][1]
+    assert inferred.shape == (S, h, L, Dh) and inferred.transpose(1, 2).is_contiguous()
 
 
 @needs_native
@@ -311,28 +324,37 @@ def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
 @needs_native
 @pytest.mark.parametrize("variant", [1, 4])
 def test_native_attention_in_the_model(variant, monkeypatch):
-    """A bf16 forward without autograd with attention.c (spatial attention over 64 tokens and temporal over 16 frames,
-    images appended) and without it: the same model output to bf16 precision, both as close to the fp32 model."""
+    """The bf16 model (spatial attention over 64 tokens and temporal over 16 frames, images appended) with
+    attention.c and without it: outputs, with and without autograd, and gradients as close to the fp32 model's."""
     cfg = LatteConfig(input_size=16, num_frames=16, hidden_size=64, depth=2, num_heads=4, variant=variant,
                       num_classes=3)
     torch.manual_seed(0)
-    net = Latte(cfg).eval()
+    net = Latte(cfg)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(std=0.1)
     x, t, y = torch.randn(2, 18, 4, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 2])
+
+    def run(precision):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.no_grad(), kernels.frozen_weights():
+                inferred = net(x, t, y, num_images=2).double()
+            out = net(x, t, y, num_images=2)
+        out.float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in net.parameters()]).double()
+        net.zero_grad()
+        return inferred, out.detach().double(), grads
+
     calls = []
     monkeypatch.setattr(kernels, "native_attention", lambda *a: calls.append(1) or NATIVE_ATTENTION(*a))
-    with torch.no_grad():
-        ref = net(x, t, y, num_images=2).double()
-        outs = []
-        for native in (True, False):
-            monkeypatch.setattr(kernels, "NATIVE_ATTENTION", native)
-            with torch.autocast("cpu", dtype=torch.bfloat16), kernels.frozen_weights():
-                outs.append(net(x, t, y, num_images=2).double())
-    assert len(calls) == 2 * cfg.depth // (2 if variant == 1 else 1)  # one call per attention, in the first run
-    errors = [(o - ref).abs().max().item() for o in outs]
-    assert errors[0] < 0.06 and errors[0] <= 1.5 * errors[1], errors
+    ref = run("fp32")
+    errors = []
+    for native in (True, False):
+        monkeypatch.setattr(kernels, "NATIVE_ATTENTION", native)
+        runs = zip(run("bf16"), ref, strict=True)
+        errors.append([(a - b).abs().max().item() / b.abs().max().item() for a, b in runs])
+    assert len(calls) == 2 * 2 * cfg.depth // (2 if variant == 1 else 1)  # every attention, both runs, native only
+    assert max(errors[0]) < 0.05 and all(n <= 1.5 * w for n, w in zip(*errors, strict=True)), errors
 
 
 NATIVE_ATTENTION = kernels.native_attention
