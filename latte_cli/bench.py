@@ -350,7 +350,7 @@ def machine(device: torch.device) -> dict:
 def print_tables(r: dict):
     console = Console(highlight=False)
     m, s = r["machine"], r["settings"]
-    native = ", bf16 attention.c" if m.get("native_attention") else ""
+    native = ", kernels.c" if m.get("native_attention") else ""
     console.print(f"{m['name']} ({m['device']}, {m['threads']} threads{native}), torch {m['torch']}; {s['model']}, "
                   f"batch {s['batch']}, {s['frames']}x{s['channels']}x{s['size']}x{s['size']} latents; "
                   f"median of {s['repeats']} after {s['warmup']} warm-up")

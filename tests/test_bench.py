@@ -4,6 +4,7 @@ never for speed), and the model's fast paths against the plain formulas they rep
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -233,7 +234,9 @@ def test_attention_compiles_in_one_graph(monkeypatch):
 @pytest.mark.skipif(not kernels.VECTOR_BYTES, reason="x86 vector width only")
 def test_short_rows_take_the_softmax_in_fp32(monkeypatch):
     """bf16 rows shorter than a bf16 vector but as long as an fp32 one (temporal attention over 16 frames on
-    AVX-512) take the softmax in fp32: the same values as the bf16 softmax, and gradients as close to float64's."""
+    AVX-512) take the softmax in fp32: the same values as the bf16 softmax, and gradients as close to float64's.
+    (The written-out products: kernels.c, where it runs, takes these rows in fp32 anyway.)"""
+    monkeypatch.setattr(kernels, "NATIVE_ATTENTION", False)
     L = kernels.VECTOR_BYTES // 4
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, 3, L, 8, dtype=torch.float64) for _ in range(3))
@@ -255,13 +258,13 @@ def test_short_rows_take_the_softmax_in_fp32(monkeypatch):
 
 
 needs_native = pytest.mark.skipif(not kernels.NATIVE_ATTENTION or kernels.native_kernel() is None,
-                                  reason="attention.c needs x86 AVX-512 BF16 without AMX and a C compiler")
+                                  reason="kernels.c needs x86 AVX-512 BF16 without AMX and a C compiler")
 
 
 @needs_native
 @pytest.mark.parametrize("S, L, h, Dh", [(2, 256, 6, 64), (3, 48, 3, 72), (5, 16, 2, 8), (1, 160, 2, 130)])
 def test_native_attention_matches_float64(S, L, h, Dh, monkeypatch):
-    """attention.c in bf16 against float64 attention on the same bf16 inputs, q, k and v strided in one qkv
+    """kernels.c in bf16 against float64 attention on the same bf16 inputs, q, k and v strided in one qkv
     projection as the model passes them: the output within one bf16 rounding, with and without autograd; the
     gradients within 1%; both no further off than the products written out (its scores stay fp32). The output
     comes back in the (S, L, h, Dh) order proj reads."""
@@ -325,7 +328,7 @@ def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
 @pytest.mark.parametrize("variant", [1, 4])
 def test_native_attention_in_the_model(variant, monkeypatch):
     """The bf16 model (spatial attention over 64 tokens and temporal over 16 frames, images appended) with
-    attention.c and without it: outputs, with and without autograd, and gradients as close to the fp32 model's."""
+    kernels.c and without it: outputs, with and without autograd, and gradients as close to the fp32 model's."""
     cfg = LatteConfig(input_size=16, num_frames=16, hidden_size=64, depth=2, num_heads=4, variant=variant,
                       num_classes=3)
     torch.manual_seed(0)
@@ -555,7 +558,8 @@ def test_fused_cpu_gelu_matches_aten(monkeypatch):
 def test_compiled_training_gelu_matches_aten(monkeypatch):
     """Training on the CPU runs the tanh-GELU as two compiled passes of h sigmoid(2u) and its derivative: the tanh
     formula's values and gradients (float32 to 1e-6, bf16 to its rounding), taken by Mlp in fp32 and bf16; where
-    compiling fails, ATen's own GELU."""
+    compiling fails, ATen's own GELU. (The compiled passes: bf16 takes kernels.c's GELU where it runs.)"""
+    monkeypatch.setattr(kernels, "NATIVE_GELU", False)
     torch.manual_seed(0)
     h32, g32 = torch.randn(4000) * 3, torch.randn(4000)
     ref = F.gelu(h32.double(), approximate="tanh")
@@ -591,6 +595,29 @@ def test_compiled_training_gelu_matches_aten(monkeypatch):
     monkeypatch.setattr(kernels, "COMPILED_GELU", None)
     monkeypatch.setattr(torch, "compile", broken)
     assert torch.equal(kernels.training_gelu(h), F.gelu(h, approximate="tanh")) and kernels.COMPILED_GELU is False
+
+
+@needs_native
+def test_native_gelu_matches_float64():
+    """kernels.c's GELU passes (bf16 training): the tanh-GELU's values and gradients in float64 on the same bf16
+    inputs, to one bf16 rounding, also where 2u is far out in either direction, in a length that is no multiple of
+    the vector width; a NaN stays NaN. Mlp takes them under bf16 autocast."""
+    torch.manual_seed(0)
+    h = torch.cat([torch.randn(4001) * 3, torch.tensor([-100.0, -12.0, 12.0, 100.0, float("nan")])]).bfloat16()
+    g = torch.randn(len(h)).bfloat16()
+    leaf = h.clone().requires_grad_()
+    y = kernels.training_gelu(leaf)
+    y.backward(g)
+    assert "NativeGeluBackward" in graph_nodes(y) and y.dtype == leaf.grad.dtype == torch.bfloat16
+    x = h.double().requires_grad_()  # float64 h sigmoid(2u) = 0.5 h (1 + tanh u) without its cancellation at h << 0
+    ref = x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+    ref.backward(g.double())
+    assert torch.allclose(ref, F.gelu(h.double(), approximate="tanh"), atol=1e-15, equal_nan=True)
+    assert torch.allclose(y.double(), ref, rtol=2**-8, atol=1e-30, equal_nan=True)
+    assert torch.allclose(leaf.grad.double(), x.grad, rtol=2**-7, atol=1e-30, equal_nan=True)
+    assert y[-1].isnan() and leaf.grad[-1].isnan() and not y[:-1].isnan().any()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert "NativeGeluBackward" in graph_nodes(Mlp(16, 64)(torch.randn(5, 16, requires_grad=True)))
 
 
 MALLINFO = """

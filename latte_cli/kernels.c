@@ -1,12 +1,13 @@
-/* softmax(q k^T * scale) v in bf16, and its backward, on x86 CPUs with AVX-512 BF16: one (sequence, head) matrix at
- * a time, in registers and the L1/L2 caches. Built and loaded by kernels.py; the same function as torch's attention.
+/* CPU kernels for kernels.py, in bf16 on x86 with AVX-512 BF16: attention (softmax(q k^T scale) v and its backward)
+ * and the tanh-GELU's two passes. Built on first use and loaded through ctypes; the same functions as torch's.
  *
- * Every product is one micro-kernel, vdpbf16ps: 16 fp32 lanes, each adding the dot product of a pair of bf16. Its
- * B operand is a register of 16 such pairs, its A operand one pair broadcast, so each product's operands are first
- * laid out as pairs along the dimension it sums over: "pairs" (the 32-bit words of a row, transposed: k for q k^T)
- * or "interleaved" (two rows zipped: v for p v). Forward, per tile of query rows: the scores against every key in
- * fp32, their exponentials with a polynomial 2^x, probabilities rounded to bf16, p v. Backward: dp = g v^T,
- * ds = p (dp - rowsum(p dp)), dq = ds k, dv = p^T g, dk = ds^T q. q, k, v, the output and the gradients are read
+ * Attention runs one (sequence, head) matrix at a time, in registers and the L1/L2 caches. Every product is one
+ * micro-kernel, vdpbf16ps: 16 fp32 lanes, each adding the dot product of a pair of bf16. Its B operand is a register
+ * of 16 such pairs, its A operand one pair broadcast, so each product's operands are first laid out as pairs along
+ * the dimension it sums over: "pairs" (the 32-bit words of a row, transposed: k for q k^T) or "interleaved" (two rows
+ * zipped: v for p v). Forward, per tile of query rows: the scores against every key in fp32, their exponentials with
+ * a polynomial 2^x, probabilities rounded to bf16, p v. Backward: dp = g v^T, ds = p (dp - delta) with delta =
+ * rowsum(p dp) = rowsum(g out), dq = ds k, dv = p^T g, dk = ds^T q. q, k, v, the output and the gradients are read
  * and written in place through their strides (the columns of one qkv projection).
  * Shapes: L rows (keys, queries), a multiple of 16; Dh head width, even. */
 #include <immintrin.h>
@@ -20,7 +21,7 @@ typedef uint16_t bf16;
 #define ROWS 8  /* rows of a tile as wide as L: 8 rows x 32 columns = 16 accumulators */
 #define NARROW_ROWS 4  /* rows of a tile as wide as Dh: 4 rows x 64 columns = 16 accumulators */
 
-static inline __m512 exp2_nonpositive(__m512 x) {  /* 2^x for x <= 0: 2^frac by a degree-5 polynomial, then scalef */
+static inline __m512 pow2(__m512 x) {  /* 2^x: 2^frac by a degree-5 polynomial (9e-8 relative error), then scalef */
     x = _mm512_max_ps(_mm512_set1_ps(-126.f), x);  /* (a NaN stays NaN: max returns its second operand) */
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n);
@@ -181,7 +182,7 @@ static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs,
             for (int j = 16; j < L; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
             __m512 mc = _mm512_set1_ps(_mm512_reduce_max_ps(m) * c), cc = _mm512_set1_ps(c), sum = _mm512_setzero_ps();
             for (int j = 0; j < L; j += 16) {
-                __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), cc, mc));
+                __m512 e = pow2(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), cc, mc));
                 sum = _mm512_add_ps(sum, e);
                 _mm512_storeu_ps(sr + j, e);
             }
@@ -191,6 +192,10 @@ static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs,
         product(0, R, Dh, L / 2, p, L, 2, vi, 2L * Dh, s->narrow, padded(Dh));  /* p v */
         store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os);
     }
+}
+
+static inline __m512 load16_bf16(const bf16 *x) {  /* 16 bf16 as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
 static inline __m512 load_bf16(const bf16 *x, int n) {  /* up to 16 bf16 as fp32 */
@@ -268,4 +273,30 @@ int attention_bf16_backward(const bf16 *q, const bf16 *k, const bf16 *v, const b
                 backward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
                                 probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,
                                 d_row, L, Dh, scale, &s))
+}
+
+/* The tanh-GELU in the form h sigmoid(2u), 2u = h (C + C 0.044715 h^2), C = 2 sqrt(2/pi), over n contiguous bf16
+ * values in fp32: y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). */
+void gelu_bf16(const bf16 *h, const bf16 *g, bf16 *y, long n, int threads) {
+    const float C = 1.5957691216057308f, C3 = C * 0.044715f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i0 = 0; i0 < n; i0 += 4096)
+        for (long i = i0; i < n && i < i0 + 4096; i += 16) {
+            int lanes = n - i < 16 ? n - i : 16;
+            __m512 x = lanes == 16 ? load16_bf16(h + i) : load_bf16(h + i, lanes), x2 = _mm512_mul_ps(x, x);
+            __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(C3), x2, _mm512_set1_ps(C)));  /* 2u */
+            __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_mul_ps(z, _mm512_set1_ps(-1.4426950408889634f)));
+            __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), pow2(t));  /* 1 + e^-2u, finite (NaN stays NaN) */
+            __m512 r = _mm512_rcp14_ps(d);  /* sigmoid(2u) = 1 / (1 + e^-2u): a reciprocal and a Newton step */
+            __m512 sg = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+            __m512 out;
+            if (g) {
+                __m512 dz = _mm512_fmadd_ps(_mm512_set1_ps(3 * C3), x2, _mm512_set1_ps(C));
+                __m512 ds = _mm512_mul_ps(_mm512_mul_ps(x, sg), _mm512_sub_ps(_mm512_set1_ps(1.f), sg));
+                out = _mm512_mul_ps(lanes == 16 ? load16_bf16(g + i) : load_bf16(g + i, lanes), _mm512_fmadd_ps(ds, dz, sg));
+            } else {
+                out = _mm512_mul_ps(x, sg);
+            }
+            _mm256_mask_storeu_epi16(y + i, lanes_mask(lanes), (__m256i)_mm512_cvtneps_pbh(out));
+        }
 }
