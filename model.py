@@ -121,14 +121,24 @@ class LatteConfig:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def modulate(x, shift, scale):
-    """adaLN (DiT): x (1 + scale) + shift, in one pass over x; shift None leaves x as it is (pre-LN block)."""
-    return x if shift is None else torch.addcmul(shift, x, 1 + scale)
+def modulate(norm, x, shift, scale):
+    """adaLN (DiT): norm(x) (1 + scale) + shift; shift None: norm(x) alone (a pre-LN block). On the CPU in bf16
+    kernels.c computes LayerNorm, modulation and the cast to bf16 in one pass, and the backward in one."""
+    if shift is None:
+        return norm(x)
+    if kernels.adaln_fits(x, shift):
+        return kernels.norm_modulate(x, shift, scale, norm.eps)
+    return torch.addcmul(shift, norm(x), 1 + scale)
 
 
 def gated(x, gate, branch):
-    """The residual x + gate * branch in one pass (adaLN-Zero); gate None: the plain x + branch."""
-    return x + branch if gate is None else torch.addcmul(x, gate, branch)
+    """The residual x + gate * branch in one pass (adaLN-Zero); gate None: the plain x + branch. (kernels.c: the
+    backward in one pass too.)"""
+    if gate is None:
+        return x + branch
+    if torch.is_grad_enabled() and kernels.adaln_fits(x, gate, branch):
+        return kernels.GatedResidual.apply(x, gate, branch)
+    return torch.addcmul(x, gate, branch)
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -303,15 +313,15 @@ class Block(nn.Module):
         else:
             mods = (None,) * 9  # a pre-LN block: no modulation, no gates
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:6]
-        x = gated(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, num_images))
+        x = gated(x, gate_a, self.attn(modulate(self.norm1, x, shift_a, scale_a), rope, num_images))
         if self.kind == "factorised":
             shift_t, scale_t, gate_t = mods[6:]
             Fv = x.shape[1] - num_images
             video = x[:, :Fv]
-            branch = self.attn_temporal(modulate(self.norm_temporal(video), shift_t, scale_t), rope)
+            branch = self.attn_temporal(modulate(self.norm_temporal, video, shift_t, scale_t), rope)
             video = gated(video, gate_t, branch)
             x = torch.cat([video, x[:, Fv:]], dim=1) if num_images else video
-        return gated(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
+        return gated(x, gate_m, self.mlp(modulate(self.norm2, x, shift_m, scale_m)))
 
 
 class FinalLayer(nn.Module):
@@ -327,11 +337,10 @@ class FinalLayer(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
     def forward(self, x, c):
-        x = self.norm_final(x)
+        shift = scale = None
         if self.adaln:
             shift, scale = self.adaLN_modulation(c)[:, None, None].chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
-        return self.linear(x)
+        return self.linear(modulate(self.norm_final, x, shift, scale))
 
 
 # ------------------------------------------------------------------------------------------------- Latte

@@ -199,11 +199,14 @@ def native_kernel():
         lib.attention_bf16_backward.argtypes = [ptr] * 9 + [long] * 2 + [int_] * 2 + [long] * 12 + [
             ctypes.c_float, int_]
         lib.gelu_bf16.argtypes = [ptr] * 3 + [long, int_]
+        lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_]
+        lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_]
+        lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_]
         NATIVE["lib"] = lib
     return NATIVE["lib"]
 
 
-def native_call(fn, *args):
+def native_call(fn, *args):  # every kernels.c function takes the thread count last and returns 0, or 2 out of memory
     if fn(*args, torch.get_num_threads()):  # (ctypes lets go of the GIL while it runs)
         raise MemoryError("kernels.c could not allocate its buffers")
 
@@ -310,6 +313,76 @@ class OneDnnLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+# -------------------------------------------------------------------------------------------------- adaLN
+
+# bf16 on a CPU with AVX-512 BF16 (kernels.c): adaLN's LayerNorm, modulation and cast to bf16 as one pass and its
+# backward as one, and the gated residual's backward as one (g passes on to x; g gate to the branch, in its layout;
+# the sum of g branch to the gate), in place of several ATen passes with fp32 temporaries each.
+NATIVE_ADALN = NATIVE_CPU
+
+
+def adaln_fits(x, mod, branch=None) -> bool:
+    """Whether kernels.c takes this sub-layer: x (B, F, N, D) bf16 (the residual stream under autocast) with each
+    sample's rows contiguous, mod (B, 1, 1, D); a bf16 branch with contiguous rows."""
+    B, F, N, D = x.shape if x.dim() == 4 else (0,) * 4
+    return (NATIVE_ADALN and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and x.dim() == 4 and x.stride()[1:] == (N * D, D, 1) and mod.shape == (B, 1, 1, D)
+            and (branch is None or (branch.dtype == torch.bfloat16 and branch.shape == x.shape
+                                    and branch.stride(3) == 1))
+            and not torch.compiler.is_compiling() and native_kernel() is not None)
+
+
+def norm_modulate(x, shift, scale, eps: float):
+    """LayerNorm(x) (1 + scale) + shift in bf16 (no affine LayerNorm), for x that adaln_fits."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, shift, scale)):
+        return NormModulate.apply(x, shift, scale, eps)
+    return NormModulate.forward(None, x, shift, scale, eps)
+
+
+class NormModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        B, F, N, D = x.shape
+        dtype = shift.dtype
+        shift, scale = (t.reshape(B, D).float().contiguous() for t in (shift, scale))
+        y = x.new_empty(x.shape, dtype=torch.bfloat16)
+        mean, rstd = (x.new_empty(B * F * N, dtype=torch.float32) if ctx else None for _ in range(2))
+        native_call(NATIVE["lib"].norm_modulate, x.data_ptr(), x.stride(0), F * N, B, D, shift.data_ptr(),
+                    scale.data_ptr(), eps, y.data_ptr(), *(None if t is None else t.data_ptr() for t in (mean, rstd)))
+        if ctx:
+            ctx.save_for_backward(x, scale, mean, rstd)
+            ctx.dtype = dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, mean, rstd = ctx.saved_tensors
+        B, F, N, D = x.shape
+        dy = dy.to(torch.bfloat16).contiguous()
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dscale, dshift = (x.new_empty(B, D, dtype=torch.float32) for _ in range(2))
+        native_call(NATIVE["lib"].norm_modulate_backward, x.data_ptr(), x.stride(0), F * N, B, D,
+                    *(t.data_ptr() for t in (scale, mean, rstd, dy, dx, dscale, dshift)))
+        return dx, dshift.view(B, 1, 1, D).to(ctx.dtype), dscale.view(B, 1, 1, D).to(ctx.dtype), None
+
+
+class GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, branch):  # x + gate branch, for x, gate and branch that adaln_fits
+        ctx.save_for_backward(gate, branch)
+        return torch.addcmul(x, gate, branch)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, branch = ctx.saved_tensors
+        B, F, N, D = branch.shape
+        g, gate32 = g.to(torch.bfloat16).contiguous(), gate.reshape(B, D).float().contiguous()
+        dbranch, dgate = torch.empty_like(branch), g.new_empty(B, D, dtype=torch.float32)
+        native_call(NATIVE["lib"].gated_backward, g.data_ptr(), branch.data_ptr(), dbranch.data_ptr(), B, F, N, D,
+                    *branch.stride()[:3], gate32.data_ptr(), dgate.data_ptr())
+        return g, dgate.view(B, 1, 1, D).to(gate.dtype), dbranch
+
+
 # --------------------------------------------------------------------------------------------------- GELU
 
 def linear_gelu(fc1: torch.nn.Linear, x):
@@ -371,8 +444,7 @@ def native_gelu(h, g=None):
     """GELU(h), or with g the gradient g GELU'(h), for contiguous bf16 h (kernels.c)."""
     y = torch.empty_like(h)
     g = None if g is None else g.to(h.dtype).contiguous()
-    NATIVE["lib"].gelu_bf16(h.data_ptr(), None if g is None else g.data_ptr(), y.data_ptr(), h.numel(),
-                            torch.get_num_threads())
+    native_call(NATIVE["lib"].gelu_bf16, h.data_ptr(), None if g is None else g.data_ptr(), y.data_ptr(), h.numel())
     return y
 
 

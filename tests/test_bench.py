@@ -325,10 +325,48 @@ def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("variant", [1, 4])
-def test_native_attention_in_the_model(variant, monkeypatch):
-    """The bf16 model (spatial attention over 64 tokens and temporal over 16 frames, images appended) with
-    kernels.c and without it: outputs, with and without autograd, and gradients as close to the fp32 model's."""
+@pytest.mark.parametrize("D", [64, 72])
+def test_native_adaln_matches_float64(D):
+    """kernels.c's adaLN passes against float64 on the same bf16 inputs: LayerNorm (1 + scale) + shift, with and
+    without autograd, for x sliced as appended images leave it (each sample's rows contiguous, samples further
+    apart), and the gated residual x + gate branch for a branch in the (B, N, F) order temporal attention writes:
+    values and gradients to bf16 rounding, the branch's gradient in the branch's own layout."""
+    torch.manual_seed(0)
+    B, Fr, N = 2, 5, 6
+    x = (3 * torch.randn(B, Fr + 2, N, D) + 1).bfloat16()[:, :Fr]                        # B F N D, per sample
+    shift, scale, gate = (torch.randn(B, 1, 1, D).bfloat16() for _ in range(3))
+    branch = torch.randn(B, N, Fr, D).bfloat16().transpose(1, 2)                         # B F N D, strided
+    g1, g2 = torch.randn(B, Fr, N, D).bfloat16(), torch.randn(B, Fr, N, D).bfloat16()
+    assert kernels.adaln_fits(x, shift) and kernels.adaln_fits(x, gate, branch)
+
+    def grads(fn, *inputs, g):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(g.to(out.dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves], leaves
+
+    got, _ = grads(lambda *a: kernels.norm_modulate(*a, 1e-6), x, shift, scale, g=g1)
+    with torch.no_grad():
+        inferred = kernels.norm_modulate(x, shift, scale, 1e-6)
+    plain = lambda a, b, c: F.layer_norm(a, (D,), eps=1e-6) * (1 + c) + b  # noqa: E731
+    ref, _ = grads(plain, *(t.double() for t in (x, shift, scale)), g=g1)
+    assert torch.equal(inferred.double(), got[0])
+    for a, b in zip(got, ref, strict=True):
+        assert (a - b).abs().max() <= 2**-7 * b.abs().max(), (a - b).abs().max()
+    got, leaves = grads(kernels.GatedResidual.apply, x, gate, branch, g=g2)
+    ref, _ = grads(torch.addcmul, *(t.double() for t in (x, gate, branch)), g=g2)
+    for a, b in zip(got, ref, strict=True):
+        assert (a - b).abs().max() <= 2**-7 * b.abs().max(), (a - b).abs().max()
+    assert leaves[2].grad.stride() == branch.stride()
+
+
+@needs_native
+@pytest.mark.parametrize("variant", [1, 3, 4])
+@pytest.mark.parametrize("kernel", ["attention", "adaln", "gelu"])
+def test_native_kernels_in_the_model(variant, kernel, monkeypatch):
+    """The bf16 model (spatial attention over 64 tokens and temporal over 16 frames, images appended) with each of
+    kernels.c's kernels and without it: outputs, with and without autograd, and gradients as close to the fp32
+    model's. Every block takes it."""
     cfg = LatteConfig(input_size=16, num_frames=16, hidden_size=64, depth=2, num_heads=4, variant=variant,
                       num_classes=3)
     torch.manual_seed(0)
@@ -348,19 +386,19 @@ def test_native_attention_in_the_model(variant, monkeypatch):
         net.zero_grad()
         return inferred, out.detach().double(), grads
 
-    calls = []
-    monkeypatch.setattr(kernels, "native_attention", lambda *a: calls.append(1) or NATIVE_ATTENTION(*a))
     ref = run("fp32")
     errors = []
+    node = {"attention": "NativeAttentionBackward", "adaln": "NormModulateBackward", "gelu": "NativeGeluBackward"}
+    per_block = {"attention": {1: 1, 3: 2, 4: 2}, "adaln": {1: 2, 3: 3, 4: 2}, "gelu": {1: 1, 3: 1, 4: 1}}
     for native in (True, False):
-        monkeypatch.setattr(kernels, "NATIVE_ATTENTION", native)
-        runs = zip(run("bf16"), ref, strict=True)
-        errors.append([(a - b).abs().max().item() / b.abs().max().item() for a, b in runs])
-    assert len(calls) == 2 * 2 * cfg.depth // (2 if variant == 1 else 1)  # every attention, both runs, native only
+        monkeypatch.setattr(kernels, f"NATIVE_{kernel.upper()}", native)
+        with torch.profiler.profile() as prof:
+            runs = zip(run("bf16"), ref, strict=True)
+            errors.append([(a - b).abs().max().item() / b.abs().max().item() for a, b in runs])
+        calls = [e.name for e in prof.events()].count(node[kernel])
+        final_layer = kernel == "adaln"  # the final layer's modulated norm too
+        assert calls == native * (cfg.depth * per_block[kernel][variant] + final_layer)
     assert max(errors[0]) < 0.05 and all(n <= 1.5 * w for n, w in zip(*errors, strict=True)), errors
-
-
-NATIVE_ATTENTION = kernels.native_attention
 
 
 @pytest.mark.parametrize("variant", [1, 3, 4])
