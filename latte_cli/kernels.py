@@ -2,13 +2,17 @@
 measured faster there. model.py calls the entry points below; each falls back to the plain form.
 
   attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, the products written out, (fp32, long
-                         rows) a matrix at a time through oneDNN, or (bf16, no autograd) kernels.c
+                         rows) a matrix at a time through oneDNN, or (bf16) kernels.c
   Linear                 nn.Linear, its products through oneDNN
-  linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, two compiled passes, or ATen's GELU
+  linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, kernels.c's passes (bf16 training), two
+                         compiled passes, or ATen's GELU
+  norm_modulate, GatedResidual
+                         adaLN's LayerNorm + modulation + cast in one pass, and the gated residual's backward in one
+                         (bf16, kernels.c); model.modulate and model.gated call them where adaln_fits
 
-Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32x32 (`latte bench`); the
-README's performance section has the figures.
-"""
+kernels.c holds the hand-written ones, for x86 CPUs with AVX-512 BF16: built on first use by the system's C compiler.
+Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32x32 (`latte bench`); the README's
+performance section has the figures."""
 
 import contextlib
 import contextvars
@@ -146,13 +150,14 @@ class LoopedAttention(torch.autograd.Function):
         return tuple(d.view(shape) for d, shape in zip((dq, dk, dv), ctx.shapes, strict=True))
 
 
-# bf16 attention on x86 CPUs with AVX-512 BF16 but no AMX: kernels.c, compiled on first use with the system's C
-# compiler and loaded through ctypes. It computes a (sequence, head) matrix at a time in registers and the L1/L2
-# caches, with a polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in
-# the order the out projection reads. Spatial attention of Latte-S/2 (96 matrices of 256 x 64): 4.7 ms against
-# 8.7 ms for the products written out without autograd, and more exact (the scores stay fp32). Under autograd it keeps
-# the probabilities (as the written-out products do) and computes the backward the same way. Where the CPU, the
-# compiler or the shapes do not fit, the paths above run.
+# kernels.c: bf16 kernels for x86 CPUs with AVX-512 BF16, compiled on first use with the system's C compiler (cc, or
+# $CC; about a second) into ~/.cache/latte and loaded through ctypes; they run on torch's OpenMP threads. Where the
+# CPU or the compiler does not fit, the paths above run. Attention (not on CPUs with AMX tiles, where torch's fused
+# kernel measured faster) computes a (sequence, head) matrix at a time in registers and the L1/L2 caches, with a
+# polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in the order the
+# out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64) 4.7 ms against 8.5 ms for the
+# products written out, forward and backward 17 against 23 ms, and more exact (the scores stay fp32). Under autograd
+# it keeps the probabilities, as the written-out products do.
 NATIVE_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= CPU_FLAGS  # what kernels.c needs
 NATIVE_ATTENTION = NATIVE_CPU and not CPU_AMX
 NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
