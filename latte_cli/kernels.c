@@ -1,5 +1,6 @@
-/* CPU kernels for kernels.py, in bf16 on x86 with AVX-512 BF16: attention (softmax(q k^T scale) v and its backward)
- * and the tanh-GELU's two passes. Built on first use and loaded through ctypes; the same functions as torch's.
+/* CPU kernels for kernels.py, on x86 with AVX-512 BF16: attention in bf16 (softmax(q k^T scale) v and its backward),
+ * and in bf16 or fp32 the tanh-GELU's two passes and adaLN's (LayerNorm + modulation, the gated residual's backward).
+ * Built on first use and loaded through ctypes; the same functions as torch's.
  *
  * Attention runs one (sequence, head) matrix at a time, in registers and the L1/L2 caches. Every product is one
  * micro-kernel, vdpbf16ps: 16 fp32 lanes, each adding the dot product of a pair of bf16. Its B operand is a register
@@ -282,15 +283,28 @@ int attention_bf16_backward(const bf16 *q, const bf16 *k, const bf16 *v, const b
                                 d_row, L, Dh, scale, &s))
 }
 
-/* The tanh-GELU in the form h sigmoid(2u), 2u = h (C + C 0.044715 h^2), C = 2 sqrt(2/pi), over n contiguous bf16
- * values in fp32: y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). */
-int gelu_bf16(const bf16 *h, const bf16 *g, bf16 *y, long n, int threads) {
+/* The passes over rows of activations below take bf16 or fp32 tensors (f32 = 1) and compute in fp32. */
+static inline __m512 load_f32(const float *x, int n) { return _mm512_maskz_loadu_ps(lanes_mask(n), x); }
+
+static inline __m512 load_as_f32(const void *p, long i, int n, int f32) {
+    if (f32) return load_f32((const float *)p + i, n);
+    return n == 16 ? load16_bf16((const bf16 *)p + i) : load_bf16((const bf16 *)p + i, n);
+}
+
+static inline void store_from_f32(void *p, long i, int n, int f32, __m512 v) {
+    if (f32) _mm512_mask_storeu_ps((float *)p + i, lanes_mask(n), v);
+    else _mm256_mask_storeu_epi16((bf16 *)p + i, lanes_mask(n), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* The tanh-GELU in the form h sigmoid(2u), 2u = h (C + C 0.044715 h^2), C = 2 sqrt(2/pi), over n contiguous values:
+ * y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). */
+int gelu(const void *h, const void *g, void *y, long n, int f32, int threads) {
     const float C = 1.5957691216057308f, C3 = C * 0.044715f;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i0 = 0; i0 < n; i0 += 4096)
         for (long i = i0; i < n && i < i0 + 4096; i += 16) {
             int lanes = n - i < 16 ? n - i : 16;
-            __m512 x = lanes == 16 ? load16_bf16(h + i) : load_bf16(h + i, lanes), x2 = _mm512_mul_ps(x, x);
+            __m512 x = load_as_f32(h, i, lanes, f32), x2 = _mm512_mul_ps(x, x);
             __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(C3), x2, _mm512_set1_ps(C)));  /* 2u */
             __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_mul_ps(z, _mm512_set1_ps(-1.4426950408889634f)));
             __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), pow2(t));  /* 1 + e^-2u, finite (NaN stays NaN) */
@@ -300,44 +314,43 @@ int gelu_bf16(const bf16 *h, const bf16 *g, bf16 *y, long n, int threads) {
             if (g) {
                 __m512 dz = _mm512_fmadd_ps(_mm512_set1_ps(3 * C3), x2, _mm512_set1_ps(C));
                 __m512 ds = _mm512_mul_ps(_mm512_mul_ps(x, sg), _mm512_sub_ps(_mm512_set1_ps(1.f), sg));
-                out = _mm512_mul_ps(lanes == 16 ? load16_bf16(g + i) : load_bf16(g + i, lanes), _mm512_fmadd_ps(ds, dz, sg));
+                out = _mm512_mul_ps(load_as_f32(g, i, lanes, f32), _mm512_fmadd_ps(ds, dz, sg));
             } else {
                 out = _mm512_mul_ps(x, sg);
             }
-            _mm256_mask_storeu_epi16(y + i, lanes_mask(lanes), (__m256i)_mm512_cvtneps_pbh(out));
+            store_from_f32(y, i, lanes, f32, out);
         }
     return 0;
 }
 
-/* adaLN around each sub-layer of a block (S-AdaLN), in fp32 over bf16 tensors: x holds B samples of `rows` rows of
- * D, each sample's rows contiguous, samples xs apart; shift, scale, gate (B, D) fp32. */
-static inline __m512 load_f32(const float *x, int n) { return _mm512_maskz_loadu_ps(lanes_mask(n), x); }
+/* adaLN around each sub-layer of a block (S-AdaLN): x holds B samples of `rows` rows of D, each sample's rows
+ * contiguous, samples xs apart; shift, scale, gate (B, D) fp32. */
 
-/* y = bf16(LayerNorm(x) (1 + scale) + shift), y contiguous; mean and rstd (per row) kept where given */
-int norm_modulate(const bf16 *x, long xs, long rows, int B, int D, const float *shift, const float *scale,
-                  float eps, bf16 *y, float *mean, float *rstd, int threads) {
+/* y = LayerNorm(x) (1 + scale) + shift, y contiguous; mean and rstd (per row) kept where given */
+int norm_modulate(const void *x, long xs, long rows, int B, int D, const float *shift, const float *scale, float eps,
+                  void *y, float *mean, float *rstd, int f32, int threads) {
+    int es = f32 ? 4 : 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < B * rows; r++) {
-        long b = r / rows;
-        const bf16 *xr = x + b * xs + (r % rows) * D;
+        long b = r / rows, xr = b * xs + (r % rows) * D;  /* the row's first element */
         const float *sh = shift + b * D, *sc = scale + b * D;
-        prefetch(xr + AHEAD * D, 2L * D);
+        prefetch((const char *)x + (xr + AHEAD * D) * es, (long)D * es);
         __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 16) acc = _mm512_add_ps(acc, load_bf16(xr + d, D - d));
+        for (int d = 0; d < D; d += 16) acc = _mm512_add_ps(acc, load_as_f32(x, xr + d, D - d, f32));
         float mu = _mm512_reduce_add_ps(acc) / D;
         __m512 m = _mm512_set1_ps(mu);
         acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) {  /* the variance about the mean: a second pass over the row, in L1 */
-            __m512 c = _mm512_maskz_sub_ps(lanes_mask(D - d), load_bf16(xr + d, D - d), m);
+            __m512 c = _mm512_maskz_sub_ps(lanes_mask(D - d), load_as_f32(x, xr + d, D - d, f32), m);
             acc = _mm512_fmadd_ps(c, c, acc);
         }
         float rs = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / D + eps);
         if (mean) mean[r] = mu, rstd[r] = rs;
         __m512 s = _mm512_set1_ps(rs);
         for (int d = 0; d < D; d += 16) {
-            __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_bf16(xr + d, D - d), m), s);
+            __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_as_f32(x, xr + d, D - d, f32), m), s);
             __m512 o = _mm512_fmadd_ps(n, _mm512_add_ps(load_f32(sc + d, D - d), _mm512_set1_ps(1.f)), load_f32(sh + d, D - d));
-            _mm256_mask_storeu_epi16(y + r * D + d, lanes_mask(D - d), (__m256i)_mm512_cvtneps_pbh(o));
+            store_from_f32(y, r * D + d, D - d, f32, o);
         }
     }
     return 0;
@@ -345,9 +358,10 @@ int norm_modulate(const bf16 *x, long xs, long rows, int B, int D, const float *
 
 /* The backward of norm_modulate: with n = (x - mean) rstd and dn = dy (1 + scale), dx = rstd (dn - mean(dn) -
  * n mean(dn n)) (dy, dx contiguous), dscale = the sum of dy n over a sample's rows, dshift that of dy. */
-int norm_modulate_backward(const bf16 *x, long xs, long rows, int B, int D, const float *scale, const float *mean,
-                           const float *rstd, const bf16 *dy, bf16 *dx, float *dscale, float *dshift, int threads) {
-    int failed = 0;
+int norm_modulate_backward(const void *x, long xs, long rows, int B, int D, const float *scale, const float *mean,
+                           const float *rstd, const void *dy, void *dx, float *dscale, float *dshift, int f32,
+                           int threads) {
+    int failed = 0, es = f32 ? 4 : 2;
     memset(dscale, 0, sizeof(float) * B * D), memset(dshift, 0, sizeof(float) * B * D);
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -356,14 +370,15 @@ int norm_modulate_backward(const bf16 *x, long xs, long rows, int B, int D, cons
 #pragma omp for schedule(static)
         for (long r = 0; r < B * rows; r++) {
             if (failed) continue;
-            long b = r / rows;
-            const bf16 *xr = x + b * xs + (r % rows) * D;
+            long b = r / rows, xr = b * xs + (r % rows) * D, gr = r * D;
             const float *sc = scale + b * D;
-            prefetch(xr + AHEAD * D, 2L * D), prefetch(dy + (r + AHEAD) * D, 2L * D);
+            prefetch((const char *)x + (xr + AHEAD * D) * es, (long)D * es);
+            prefetch((const char *)dy + (gr + AHEAD * D) * es, (long)D * es);
             __m512 m = _mm512_set1_ps(mean[r]), s = _mm512_set1_ps(rstd[r]), a = _mm512_setzero_ps(), c = a;
             for (int d = 0; d < D; d += 16) {
                 int k = D - d;
-                __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_bf16(xr + d, k), m), s), g = load_bf16(dy + r * D + d, k);
+                __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_as_f32(x, xr + d, k, f32), m), s);
+                __m512 g = load_as_f32(dy, gr + d, k, f32);
                 __m512 dn = _mm512_mul_ps(g, _mm512_add_ps(load_f32(sc + d, k), _mm512_set1_ps(1.f)));
                 a = _mm512_add_ps(a, dn), c = _mm512_fmadd_ps(dn, n, c);
                 _mm512_mask_storeu_ps(ps + b * D + d, lanes_mask(k), _mm512_fmadd_ps(g, n, load_f32(ps + b * D + d, k)));
@@ -372,10 +387,10 @@ int norm_modulate_backward(const bf16 *x, long xs, long rows, int B, int D, cons
             __m512 ma = _mm512_set1_ps(_mm512_reduce_add_ps(a) / D), mc = _mm512_set1_ps(_mm512_reduce_add_ps(c) / D);
             for (int d = 0; d < D; d += 16) {
                 int k = D - d;
-                __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_bf16(xr + d, k), m), s);
-                __m512 dn = _mm512_mul_ps(load_bf16(dy + r * D + d, k), _mm512_add_ps(load_f32(sc + d, k), _mm512_set1_ps(1.f)));
-                __m512 o = _mm512_mul_ps(s, _mm512_fnmadd_ps(n, mc, _mm512_sub_ps(dn, ma)));
-                _mm256_mask_storeu_epi16(dx + r * D + d, lanes_mask(k), (__m256i)_mm512_cvtneps_pbh(o));
+                __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_as_f32(x, xr + d, k, f32), m), s);
+                __m512 dn = _mm512_mul_ps(load_as_f32(dy, gr + d, k, f32),
+                                          _mm512_add_ps(load_f32(sc + d, k), _mm512_set1_ps(1.f)));
+                store_from_f32(dx, gr + d, k, f32, _mm512_mul_ps(s, _mm512_fnmadd_ps(n, mc, _mm512_sub_ps(dn, ma))));
             }
         }
 #pragma omp critical
@@ -386,11 +401,11 @@ int norm_modulate_backward(const bf16 *x, long xs, long rows, int B, int D, cons
     return failed;
 }
 
-/* The backward of the gated residual x + gate branch: dbranch = bf16(g gate), dgate = the sum of g branch over a
- * sample's rows. g is contiguous (B, F, N, D); branch and dbranch share strides (b, f, n), D contiguous. */
-int gated_backward(const bf16 *g, const bf16 *branch, bf16 *dbranch, int B, long F, long N, int D, long s0, long s1,
-                   long s2, const float *gate, float *dgate, int threads) {
-    int failed = 0;
+/* The backward of the gated residual x + gate branch: dbranch = g gate, dgate = the sum of g branch over a sample's
+ * rows. g is contiguous (B, F, N, D); branch and dbranch share strides (b, f, n), D contiguous. */
+int gated_backward(const void *g, const void *branch, void *dbranch, int B, long F, long N, int D, long s0, long s1,
+                   long s2, const float *gate, float *dgate, int f32, int threads) {
+    int failed = 0, es = f32 ? 4 : 2;
     memset(dgate, 0, sizeof(float) * B * D);
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -400,14 +415,14 @@ int gated_backward(const bf16 *g, const bf16 *branch, bf16 *dbranch, int B, long
         for (long r = 0; r < B * F * N; r++) {
             if (failed) continue;
             long b = r / (F * N), at = b * s0 + (r / N % F) * s1 + r % N * s2;
-            prefetch(g + (r + AHEAD) * D, 2L * D), prefetch(branch + at + AHEAD * s2, 2L * D);
+            prefetch((const char *)g + (r + AHEAD) * D * es, (long)D * es);
+            prefetch((const char *)branch + (at + AHEAD * s2) * es, (long)D * es);
             for (int d = 0; d < D; d += 16) {
                 int k = D - d;
-                __m512 gr = load_bf16(g + r * D + d, k);
+                __m512 gr = load_as_f32(g, r * D + d, k, f32);
                 _mm512_mask_storeu_ps(pg + b * D + d, lanes_mask(k),
-                                      _mm512_fmadd_ps(gr, load_bf16(branch + at + d, k), load_f32(pg + b * D + d, k)));
-                __m512 o = _mm512_mul_ps(gr, load_f32(gate + b * D + d, k));
-                _mm256_mask_storeu_epi16(dbranch + at + d, lanes_mask(k), (__m256i)_mm512_cvtneps_pbh(o));
+                                      _mm512_fmadd_ps(gr, load_as_f32(branch, at + d, k, f32), load_f32(pg + b * D + d, k)));
+                store_from_f32(dbranch, at + d, k, f32, _mm512_mul_ps(gr, load_f32(gate + b * D + d, k)));
             }
         }
 #pragma omp critical

@@ -326,18 +326,20 @@ def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("D", [64, 72])
-def test_native_adaln_matches_float64(D):
-    """kernels.c's adaLN passes against float64 on the same bf16 inputs: LayerNorm (1 + scale) + shift, with and
-    without autograd, for x sliced as appended images leave it (each sample's rows contiguous, samples further
-    apart), and the gated residual x + gate branch for a branch in the (B, N, F) order temporal attention writes:
-    values and gradients to bf16 rounding, the branch's gradient in the branch's own layout."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_adaln_matches_float64(D, dtype):
+    """kernels.c's adaLN passes against float64 on the same bf16 or fp32 inputs: LayerNorm (1 + scale) + shift,
+    with and without autograd, for x sliced as appended images leave it (each sample's rows contiguous, samples
+    further apart), and the gated residual x + gate branch for a branch in the (B, N, F) order temporal attention
+    writes: values and gradients to the dtype's rounding, the branch's gradient in the branch's own layout."""
     torch.manual_seed(0)
     B, Fr, N = 2, 5, 6
-    x = (3 * torch.randn(B, Fr + 2, N, D) + 1).bfloat16()[:, :Fr]                        # B F N D, per sample
-    shift, scale, gate = (torch.randn(B, 1, 1, D).bfloat16() for _ in range(3))
-    branch = torch.randn(B, N, Fr, D).bfloat16().transpose(1, 2)                         # B F N D, strided
-    g1, g2 = torch.randn(B, Fr, N, D).bfloat16(), torch.randn(B, Fr, N, D).bfloat16()
+    x = (3 * torch.randn(B, Fr + 2, N, D) + 1).to(dtype)[:, :Fr]                        # B F N D, per sample
+    shift, scale, gate = (torch.randn(B, 1, 1, D).to(dtype) for _ in range(3))
+    branch = torch.randn(B, N, Fr, D).to(dtype).transpose(1, 2)                         # B F N D, strided
+    g1, g2 = torch.randn(B, Fr, N, D).to(dtype), torch.randn(B, Fr, N, D).to(dtype)
     assert kernels.adaln_fits(x, shift) and kernels.adaln_fits(x, gate, branch)
+    tolerance = 2**-7 if dtype == torch.bfloat16 else 1e-5
 
     def grads(fn, *inputs, g):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -352,11 +354,11 @@ def test_native_adaln_matches_float64(D):
     ref, _ = grads(plain, *(t.double() for t in (x, shift, scale)), g=g1)
     assert torch.equal(inferred.double(), got[0])
     for a, b in zip(got, ref, strict=True):
-        assert (a - b).abs().max() <= 2**-7 * b.abs().max(), (a - b).abs().max()
+        assert (a - b).abs().max() <= tolerance * b.abs().max(), (a - b).abs().max()
     got, leaves = grads(kernels.GatedResidual.apply, x, gate, branch, g=g2)
     ref, _ = grads(torch.addcmul, *(t.double() for t in (x, gate, branch)), g=g2)
     for a, b in zip(got, ref, strict=True):
-        assert (a - b).abs().max() <= 2**-7 * b.abs().max(), (a - b).abs().max()
+        assert (a - b).abs().max() <= tolerance * b.abs().max(), (a - b).abs().max()
     assert leaves[2].grad.stride() == branch.stride()
 
 
@@ -404,8 +406,8 @@ def test_native_kernels_in_the_model(variant, kernel, monkeypatch):
 @pytest.mark.parametrize("variant", [1, 3, 4])
 def test_fp32_and_float64_models_agree(variant, monkeypatch):
     """The fp32 model (on the CPU: oneDNN's linear layers, the oneDNN attention loop over 144-token frames, the
-    fused kernel over frames, the compiled GELU) and its float64 copy (plain products): the same function and the
-    same gradients, with and without autograd (the fused GELU without)."""
+    fused kernel over frames, the compiled GELU, kernels.c's adaLN where it runs) and its float64 copy (plain
+    products): the same function and the same gradients, with and without autograd (the fused GELU without)."""
     monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads())
     cfg = LatteConfig(input_size=24, in_channels=3, num_frames=4, hidden_size=32, depth=2, num_heads=4,
                       variant=variant, num_classes=3, temporal_pos="rope")
@@ -424,6 +426,8 @@ def test_fp32_and_float64_models_agree(variant, monkeypatch):
     assert trained.requires_grad and torch.allclose(trained.double(), reference, atol=1e-5)
     assert torch.allclose(inferred.double(), reference, atol=1e-5)
     assert ("LoopedAttentionBackward" in graph_nodes(trained)) == kernels.ONEDNN_LINEAR
+    native = kernels.NATIVE_ADALN and kernels.native_kernel() is not None
+    assert ("NormModulateBackward" in graph_nodes(trained)) == native  # kernels.c's adaLN in fp32 too
     reference.square().sum().backward()
     trained.square().sum().backward()
     for (name, p), q in zip(net.named_parameters(), exact.parameters(), strict=True):
