@@ -126,7 +126,7 @@ def modulate(norm, x, shift, scale):
     kernels.c computes LayerNorm, modulation and the cast to bf16 in one pass, and the backward in one."""
     if shift is None:
         return norm(x)
-    if kernels.adaln_fits(x, shift):
+    if norm.weight is None and kernels.adaln_fits(x, shift):
         return kernels.norm_modulate(x, shift, scale, norm.eps)
     return torch.addcmul(shift, norm(x), 1 + scale)
 
