@@ -54,8 +54,9 @@ static inline __attribute__((always_inline)) void tile(int R, int NZ, int lanes,
     for (int kp = 0; kp < K2; kp++) {
         __m512bh bz[4];
         for (int z = 0; z < NZ; z++)
-            bz[z] = (__m512bh)(z == NZ - 1 && lanes < 16 ? _mm512_maskz_loadu_epi32(lanes_mask(lanes), b + kp * bk + 32 * z)
-                                                        : _mm512_loadu_si512(b + kp * bk + 32 * z));
+            bz[z] = (__m512bh)(z == NZ - 1 && lanes < 16
+                                   ? _mm512_maskz_loadu_epi32(lanes_mask(lanes), b + kp * bk + 32 * z)
+                                   : _mm512_loadu_si512(b + kp * bk + 32 * z));
         for (int r = 0; r < R; r++) {
             __m512bh x = pair_at(a + r * ar + kp * ak);
             for (int z = 0; z < NZ; z++) acc[r][z] = _mm512_dpbf16_ps(acc[r][z], x, bz[z]);
@@ -76,7 +77,7 @@ static void product(int wide, int M, int N, int K2, const bf16 *a, long ar, long
             int nz = (cols + 15) / 16, lanes = cols - 16 * (nz - 1);
             const bf16 *ai = a + i * ar, *bj = b + 2 * j;
             float *cij = c + i * cr + j;
-            if (rows < R)  /* (L and M are multiples of 16: no partial row tiles) */
+            if (rows < R)  /* (never with M a multiple of 16, as L is) */
                 tile(rows, nz, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
             else if (wide && nz == 2) tile(ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
             else if (wide) tile(ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr);
@@ -94,7 +95,8 @@ static void to_pairs(const bf16 *src, long rs, int L, int W, bf16 *dst) {
         for (int w0 = 0; w0 < W; w0 += 16) {
             int words = W - w0 < 16 ? W - w0 : 16;
             __m512i r[16], t[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(lanes_mask(words), src + (j0 + i) * rs + 2 * w0);
+            for (int i = 0; i < 16; i++)
+                r[i] = _mm512_maskz_loadu_epi32(lanes_mask(words), src + (j0 + i) * rs + 2 * w0);
             for (int i = 0; i < 16; i += 2) {
                 t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
                 t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
@@ -162,15 +164,17 @@ typedef struct {  /* one thread's buffers */
 static int scratch_init(scratch *s, int L, int Dh) {
     size_t LD = (size_t)L * padded(Dh);
     s->pairs = malloc(sizeof(bf16) * 3 * LD);  /* k as pairs (forward) or v as pairs, q, k interleaved */
-    s->inter = malloc(sizeof(bf16) * 2 * LD);  /* v interleaved (forward) or g interleaved, and spare */
-    s->p = malloc(sizeof(bf16) * (size_t)ROWS * L);
-    s->ds = malloc(sizeof(bf16) * 2 * (size_t)L * L);
+    s->inter = malloc(sizeof(bf16) * LD);  /* v interleaved (forward) or g interleaved */
+    s->p = malloc(sizeof(bf16) * (size_t)ROWS * L);  /* a tile's probabilities, where none are kept */
+    s->ds = malloc(sizeof(bf16) * 2 * (size_t)L * L);  /* ds, and p or ds interleaved (backward) */
     s->c = malloc(sizeof(float) * (size_t)ROWS * L);
     s->narrow = malloc(sizeof(float) * (size_t)L * padded(Dh));
     return s->pairs && s->inter && s->p && s->ds && s->c && s->narrow;
 }
 
-static void scratch_free(scratch *s) { free(s->pairs), free(s->inter), free(s->p), free(s->ds), free(s->c), free(s->narrow); }
+static void scratch_free(scratch *s) {
+    free(s->pairs), free(s->inter), free(s->p), free(s->ds), free(s->c), free(s->narrow);
+}
 
 /* probs: NULL (no autograd: unnormalised probabilities, divided out at the end) or L x L, normalised, kept */
 static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, bf16 *out, long os, bf16 *probs,
@@ -207,14 +211,16 @@ static inline __m512 load16_bf16(const bf16 *x) {  /* 16 bf16 as fp32 */
 }
 
 static inline __m512 load_bf16(const bf16 *x, int n) {  /* up to 16 bf16 as fp32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes_mask(n), x)), 16));
+    __m256i h = _mm256_maskz_loadu_epi16(lanes_mask(n), x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, const bf16 *out, long os,
                             const bf16 *probs, const bf16 *g, long gs, bf16 *dq, bf16 *dk, bf16 *dv, long ds_, int L,
                             int Dh, float scale, scratch *s) {
     size_t LD = (size_t)L * padded(Dh);
-    bf16 *vp = s->pairs, *qi = s->pairs + LD, *ki = s->pairs + 2 * LD, *gi = s->inter, *ds = s->ds, *ti = s->ds + (size_t)L * L;
+    bf16 *vp = s->pairs, *qi = s->pairs + LD, *ki = s->pairs + 2 * LD, *gi = s->inter;
+    bf16 *ds = s->ds, *ti = s->ds + (size_t)L * L;
     to_pairs(v, rs, L, Dh / 2, vp);
     interleave(q, rs, L, Dh, qi);
     interleave(k, rs, L, Dh, ki);
@@ -249,8 +255,8 @@ static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs
 
 /* All n_seq x n_heads matrices, split over `threads` OpenMP threads (torch's own, where this library binds to the
  * libgomp torch loaded). Strides in elements, the last dimension contiguous: q, k, v share (seq, head, row); out
- * and dq, dk, dv share theirs; probs is (matrices, L, L). Returns 0, 1 for shapes it does not
- * take, 2 when out of memory. */
+ * and dq, dk, dv share theirs; probs is (matrices, L, L). Returns 0, 1 for shapes it does not take, 2 when out of
+ * memory. */
 #define EACH_MATRIX(body)                                                                      \
     if (L < 16 || L % 16 || Dh < 2 || Dh % 2) return 1;                                        \
     int failed = 0;                                                                            \
@@ -349,7 +355,8 @@ int norm_modulate(const void *x, long xs, long rows, int B, int D, const float *
         __m512 s = _mm512_set1_ps(rs);
         for (int d = 0; d < D; d += 16) {
             __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_as_f32(x, xr + d, D - d, f32), m), s);
-            __m512 o = _mm512_fmadd_ps(n, _mm512_add_ps(load_f32(sc + d, D - d), _mm512_set1_ps(1.f)), load_f32(sh + d, D - d));
+            __m512 one_scale = _mm512_add_ps(load_f32(sc + d, D - d), _mm512_set1_ps(1.f));
+            __m512 o = _mm512_fmadd_ps(n, one_scale, load_f32(sh + d, D - d));
             store_from_f32(y, r * D + d, D - d, f32, o);
         }
     }
@@ -381,7 +388,8 @@ int norm_modulate_backward(const void *x, long xs, long rows, int B, int D, cons
                 __m512 g = load_as_f32(dy, gr + d, k, f32);
                 __m512 dn = _mm512_mul_ps(g, _mm512_add_ps(load_f32(sc + d, k), _mm512_set1_ps(1.f)));
                 a = _mm512_add_ps(a, dn), c = _mm512_fmadd_ps(dn, n, c);
-                _mm512_mask_storeu_ps(ps + b * D + d, lanes_mask(k), _mm512_fmadd_ps(g, n, load_f32(ps + b * D + d, k)));
+                _mm512_mask_storeu_ps(ps + b * D + d, lanes_mask(k),
+                                      _mm512_fmadd_ps(g, n, load_f32(ps + b * D + d, k)));
                 _mm512_mask_storeu_ps(pb + b * D + d, lanes_mask(k), _mm512_add_ps(g, load_f32(pb + b * D + d, k)));
             }
             __m512 ma = _mm512_set1_ps(_mm512_reduce_add_ps(a) / D), mc = _mm512_set1_ps(_mm512_reduce_add_ps(c) / D);
@@ -420,8 +428,8 @@ int gated_backward(const void *g, const void *branch, void *dbranch, int B, long
             for (int d = 0; d < D; d += 16) {
                 int k = D - d;
                 __m512 gr = load_as_f32(g, r * D + d, k, f32);
-                _mm512_mask_storeu_ps(pg + b * D + d, lanes_mask(k),
-                                      _mm512_fmadd_ps(gr, load_as_f32(branch, at + d, k, f32), load_f32(pg + b * D + d, k)));
+                __m512 sum = _mm512_fmadd_ps(gr, load_as_f32(branch, at + d, k, f32), load_f32(pg + b * D + d, k));
+                _mm512_mask_storeu_ps(pg + b * D + d, lanes_mask(k), sum);
                 store_from_f32(dbranch, at + d, k, f32, _mm512_mul_ps(gr, load_f32(gate + b * D + d, k)));
             }
         }
