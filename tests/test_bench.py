@@ -180,6 +180,16 @@ def test_cpu_attention_path_follows_the_dtype(dtype, grad):
     assert torch.allclose(out.double(), ref, atol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
+def random_latte(cfg: LatteConfig) -> Latte:
+    """A Latte with seeded N(0, 0.1) weights everywhere (the zero-initialised gates and output layer too)."""
+    torch.manual_seed(0)
+    net = Latte(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(std=0.1)
+    return net
+
+
 def graph_nodes(out):
     nodes = [out.grad_fn]
     for node in nodes:  # the whole autograd graph, breadth first
@@ -371,11 +381,7 @@ def test_native_kernels_in_the_model(variant, kernel, monkeypatch):
     model's. Every block takes it."""
     cfg = LatteConfig(input_size=16, num_frames=16, hidden_size=64, depth=2, num_heads=4, variant=variant,
                       num_classes=3)
-    torch.manual_seed(0)
-    net = Latte(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(std=0.1)
+    net = random_latte(cfg)
     x, t, y = torch.randn(2, 18, 4, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 2])
 
     def run(precision):
@@ -411,11 +417,7 @@ def test_fp32_and_float64_models_agree(variant, monkeypatch):
     monkeypatch.setattr(kernels, "LOOP_MAX_THREADS", torch.get_num_threads())
     cfg = LatteConfig(input_size=24, in_channels=3, num_frames=4, hidden_size=32, depth=2, num_heads=4,
                       variant=variant, num_classes=3, temporal_pos="rope")
-    torch.manual_seed(0)
-    net = Latte(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(std=0.1)
+    net = random_latte(cfg)
     x, t, y = torch.randn(2, 5, 3, 24, 24), torch.tensor([3, 900]), torch.tensor([0, 2])
     exact = Latte(cfg).double()
     exact.load_state_dict(net.state_dict())
