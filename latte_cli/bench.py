@@ -341,8 +341,7 @@ def machine(device: torch.device) -> dict:
     return {"device": device.type, "name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average_before": load_average(),
-            "native_attention": device.type == "cpu" and kernels.NATIVE_ATTENTION
-            and kernels.native_kernel() is not None}
+            "kernels_c": device.type == "cpu" and kernels.NATIVE_CPU and kernels.native_kernel() is not None}
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -350,7 +349,7 @@ def machine(device: torch.device) -> dict:
 def print_tables(r: dict):
     console = Console(highlight=False)
     m, s = r["machine"], r["settings"]
-    native = ", kernels.c" if m.get("native_attention") else ""
+    native = ", kernels.c" if m.get("kernels_c") else ""
     console.print(f"{m['name']} ({m['device']}, {m['threads']} threads{native}), torch {m['torch']}; {s['model']}, "
                   f"batch {s['batch']}, {s['frames']}x{s['channels']}x{s['size']}x{s['size']} latents; "
                   f"median of {s['repeats']} after {s['warmup']} warm-up")
