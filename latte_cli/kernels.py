@@ -384,6 +384,9 @@ class GatedResidual(torch.autograd.Function):
         B, F, N, D = branch.shape
         g, gate32 = g.to(branch.dtype).contiguous(), gate.reshape(B, D).float().contiguous()
         dbranch, dgate = torch.empty_like(branch), g.new_empty(B, D, dtype=torch.float32)
+        if dbranch.stride() != branch.stride():  # a branch with gaps: kernels.c reads and writes one layout
+            branch = branch.contiguous()
+            dbranch = torch.empty_like(branch)
         native_call(NATIVE["lib"].gated_backward, g.data_ptr(), branch.data_ptr(), dbranch.data_ptr(), B, F, N, D,
                     *branch.stride()[:3], gate32.data_ptr(), dgate.data_ptr(), branch.dtype == torch.float32)
         return g, dgate.view(B, 1, 1, D).to(gate.dtype), dbranch

@@ -341,7 +341,8 @@ def test_native_adaln_matches_float64(D, dtype):
     """kernels.c's adaLN passes against float64 on the same bf16 or fp32 inputs: LayerNorm (1 + scale) + shift,
     with and without autograd, for x sliced as appended images leave it (each sample's rows contiguous, samples
     further apart), and the gated residual x + gate branch for a branch in the (B, N, F) order temporal attention
-    writes: values and gradients to the dtype's rounding, the branch's gradient in the branch's own layout."""
+    writes (its gradient in that layout) and for one with gaps between samples: values and gradients to the
+    dtype's rounding."""
     torch.manual_seed(0)
     B, Fr, N = 2, 5, 6
     x = (3 * torch.randn(B, Fr + 2, N, D) + 1).to(dtype)[:, :Fr]                        # B F N D, per sample
@@ -370,6 +371,15 @@ def test_native_adaln_matches_float64(D, dtype):
     for a, b in zip(got, ref, strict=True):
         assert (a - b).abs().max() <= tolerance * b.abs().max(), (a - b).abs().max()
     assert leaves[2].grad.stride() == branch.stride()
+    whole = torch.randn(B, Fr + 2, N, D).to(dtype)
+
+    def gapped(fn, dt):  # the branch a slice of a leaf, with gaps between samples
+        leaves = [t.to(dt).clone().requires_grad_() for t in (x, gate, whole)]
+        fn(leaves[0], leaves[1], leaves[2][:, 1:Fr + 1]).backward(g2.to(dt))
+        return [t.grad.double() for t in leaves]
+
+    for a, b in zip(gapped(kernels.GatedResidual.apply, dtype), gapped(torch.addcmul, torch.float64), strict=True):
+        assert (a - b).abs().max() <= tolerance * b.abs().max(), (a - b).abs().max()
 
 
 @needs_native
