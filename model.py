@@ -122,8 +122,8 @@ class LatteConfig:
 # ------------------------------------------------------------------------------------------------ helpers
 
 def modulate(norm, x, shift, scale):
-    """adaLN (DiT): norm(x) (1 + scale) + shift; shift None: norm(x) alone (a pre-LN block). On the CPU in bf16
-    kernels.c computes LayerNorm, modulation and the cast to bf16 in one pass, and the backward in one."""
+    """adaLN (DiT): norm(x) (1 + scale) + shift; shift None: norm(x) alone (a pre-LN block). On the CPU (bf16 or
+    fp32) kernels.c computes LayerNorm and modulation in one pass, and the backward in one."""
     if shift is None:
         return norm(x)
     if norm.weight is None and kernels.adaln_fits(x, shift):

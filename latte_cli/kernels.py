@@ -7,8 +7,8 @@ measured faster there. model.py calls the entry points below; each falls back to
   linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, kernels.c's passes (bf16 training), two
                          compiled passes, or ATen's GELU
   norm_modulate, GatedResidual
-                         adaLN's LayerNorm + modulation + cast in one pass, and the gated residual's backward in one
-                         (bf16, kernels.c); model.modulate and model.gated call them where adaln_fits
+                         adaLN's LayerNorm + modulation in one pass, and the gated residual's backward in one
+                         (bf16 and fp32, kernels.c); model.modulate and model.gated call them where adaln_fits
 
 kernels.c holds the hand-written ones, for x86 CPUs with AVX-512 BF16: built on first use by the system's C compiler.
 Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32x32 (`latte bench`); the README's
@@ -73,7 +73,7 @@ def attention(q, k, v):
     faster (bf16: spatial attention 1.8x and temporal 8x in training, 1.5x in a forward), but for a forward on a CPU
     with AMX tiles, where the fused kernel was the faster one. Written out, q, k and v are first copied out of the
     strided qkv projection (the batched products would copy them anyway, operand by operand), and the 1/sqrt(Dh)
-    rides on the q k^T product instead of a pass over q."""
+    rides on the q k^T product instead of a pass over q. In bf16, where kernels.c runs (below), it takes all of it."""
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if native_attention_fits(q, k, v):
         return NativeAttention.apply(q, k, v) if training else native_attention(q, k, v)
@@ -451,7 +451,8 @@ NATIVE_GELU = NATIVE_CPU
 
 
 def native_gelu(h, g=None):
-    """GELU(h), or with g the gradient g GELU'(h), for contiguous bf16 or fp32 h (kernels.c)."""
+    """GELU(h), or with g the gradient g GELU'(h), for contiguous h (kernels.c takes fp32 too; training_gelu
+    passes bf16 only, above)."""
     y = torch.empty_like(h)
     g = None if g is None else g.to(h.dtype).contiguous()
     native_call(NATIVE["lib"].gelu, h.data_ptr(), None if g is None else g.data_ptr(), y.data_ptr(), h.numel(),
