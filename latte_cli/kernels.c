@@ -1,5 +1,6 @@
 /* CPU kernels for kernels.py, on x86 with AVX-512 BF16: attention in bf16 (softmax(q k^T scale) v and its backward),
- * and in bf16 or fp32 the tanh-GELU's two passes and adaLN's (LayerNorm + modulation, the gated residual's backward).
+ * in bf16 or fp32 the tanh-GELU's two passes and adaLN's (LayerNorm + modulation, the gated residual's backward), and
+ * in fp32 the linear layers' weight gradients.
  * Built on first use and loaded through ctypes; the same functions as torch's.
  *
  * Attention runs one (sequence, head) matrix at a time, in registers and the L1/L2 caches. Every product is one
@@ -13,6 +14,7 @@
  * Shapes: L rows (keys, queries), a multiple of 16; Dh head width, even. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -450,4 +452,119 @@ int gated_backward(const void *g, const void *branch, void *dbranch, int B, long
         free(pg);
     }
     return failed;
+}
+
+/* A linear layer's weight gradient, c = a^T b (M x N, fp32) over the K rows of a (K x M) and b (K x N), where a is
+ * the output's gradient and b the input, or the other way round, both as autograd holds them (rows of tokens): the
+ * products through oneDNN would first copy both transposed. A tile of MR rows x 32 columns of c adds, for each k,
+ * a[k][m] broadcast times 32 values of b's row k (in bf16, for each pair of k, the pair of a's broadcast times 32
+ * pairs of b's, vdpbf16ps). a is read a block of KC x MC at a time from L2, in place in fp32 and laid out as pairs
+ * in bf16; b as a panel of KC x 32 copied into L1. The work is blocks of c (MC rows x 32 columns), shared among the
+ * threads. */
+#define MR 12
+#define KC 128  /* (of fp32: 256 of bf16) */
+#define MC 480
+
+/* the rows of c's tile, c[r][0:32] (+)= a^T b over K (K2 pairs in bf16); mask m0, m1: c's columns */
+static inline __attribute__((always_inline)) void tn_tile(int R, int K, const void *a, long as, const void *b,
+                                                          float *c, long cs, int add, __mmask16 m0, __mmask16 m1,
+                                                          int f32) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    if (f32)
+        for (int k = 0; k < K; k++) {
+            const float *ak = (const float *)a + k * as, *bk = (const float *)b + 32 * k;
+            __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
+            _mm_prefetch((const char *)(ak + 8 * as), _MM_HINT_T0);  /* a's rows lie as apart: 8 ahead */
+            _mm_prefetch((const char *)(ak + 8 * as + R - 1), _MM_HINT_T0);
+            for (int r = 0; r < R; r++) {
+                __m512 x = _mm512_set1_ps(ak[r]);
+                acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+            }
+        }
+    else
+        for (int kp = 0; kp < K; kp++) {  /* a: pairs, as apart; b: 32 pairs a row */
+            const bf16 *ak = (const bf16 *)a + 2 * kp * as, *bk = (const bf16 *)b + 64 * kp;
+            __m512bh b0 = (__m512bh)_mm512_load_si512(bk), b1 = (__m512bh)_mm512_load_si512(bk + 32);
+            for (int r = 0; r < R; r++) {
+                __m512bh x = pair_at(ak + 2 * r);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+            }
+        }
+    for (int r = 0; r < R; r++) {
+        float *cr = c + r * cs;
+        if (add) {
+            acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, cr));
+            acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, cr + 16));
+        }
+        _mm512_mask_storeu_ps(cr, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(cr + 16, m1, acc[r][1]);
+    }
+}
+
+/* bf16: dst[p][0:n] = the pairs (r0[j], r1[j]) for j < n <= 32 columns, p < `rows` / 2 (a last odd row pairs with
+ * zero), each as 64 bf16 ds apart; zeros past n */
+static void zip_rows(const bf16 *src, long rs, int rows, int n, bf16 *dst, long ds) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    __mmask32 m = n >= 32 ? ~0u : (1u << n) - 1;
+    for (int p = 0; 2 * p < rows; p++) {
+        __m512i x = _mm512_maskz_loadu_epi16(m, src + 2L * p * rs);
+        __m512i y = 2 * p + 1 < rows ? _mm512_maskz_loadu_epi16(m, src + (2L * p + 1) * rs) : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + p * ds, _mm512_permutex2var_epi16(x, lo, y));
+        _mm512_storeu_si512(dst + p * ds + 32, _mm512_permutex2var_epi16(x, hi, y));
+    }
+}
+
+int matmul_tn(const void *a, long as, const void *b, long bs, float *c, long cs, long M, long N, long K, int f32,
+              int threads) {
+    long panels = (N + 31) / 32, blocks = (M + MC - 1) / MC, kc_max = f32 ? KC : 2 * KC;
+    while (blocks * panels < 2L * threads && blocks * MR < M) blocks++;  /* enough work for every thread */
+    long mc = (M + blocks - 1) / blocks, work = blocks * panels;
+    mc = (mc + MR - 1) / MR * MR;  /* blocks of the same size in whole tiles (the last may be shorter, or empty) */
+    long ma = (mc + 31) / 32 * 32;  /* bf16: a block's row of pairs */
+    int failed = 0, es = f32 ? 4 : 2;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        void *panel = aligned_alloc(64, KC * 32 * 4), *block = f32 ? NULL : aligned_alloc(64, KC * ma * 4);
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        failed = !panel || (!f32 && !block);
+        for (long k0 = 0; !failed && k0 < K; k0 += kc_max) {  /* (a thread's share is the same at every k0) */
+            int kc = K - k0 < kc_max ? K - k0 : kc_max;
+            for (long u = work * t / nt, packed = -1; u < work * (t + 1) / nt; u++) {
+                long i0 = u / panels * mc, n0 = u % panels * 32, i1 = i0 + mc < M ? i0 + mc : M;
+                int cols = N - n0 < 32 ? N - n0 : 32;
+                __mmask16 m0 = lanes_mask(cols), m1 = lanes_mask(cols - 16 > 0 ? cols - 16 : 0);
+                const char *ak = (const char *)a + (k0 * as + i0) * es, *bk = (const char *)b + (k0 * bs + n0) * es;
+                if (f32) {
+                    for (int k = 0; k < kc; k++) {
+                        const float *row = (const float *)bk + k * bs;
+                        _mm512_store_ps((float *)panel + 32 * k, _mm512_maskz_loadu_ps(m0, row));
+                        _mm512_store_ps((float *)panel + 32 * k + 16, _mm512_maskz_loadu_ps(m1, row + 16));
+                    }
+                } else {
+                    if (packed != i0)  /* a's block, as pairs: ma pairs a row */
+                        for (long j = 0; j < i1 - i0; j += 32)
+                            zip_rows((const bf16 *)ak + j, as, kc, i1 - i0 - j < 32 ? i1 - i0 - j : 32,
+                                     (bf16 *)block + 2 * j, 2 * ma);
+                    packed = i0;
+                    zip_rows((const bf16 *)bk, bs, kc, cols, panel, 64);
+                }
+                for (long i = i0; i < i1; i += MR) {
+                    const void *ai = f32 ? (const void *)((const float *)ak + (i - i0))
+                                         : (const void *)((const bf16 *)block + 2 * (i - i0));
+                    long ar = f32 ? as : ma, steps = f32 ? kc : (kc + 1) / 2;
+                    float *ci = c + i * cs + n0;
+                    if (i1 - i >= MR && f32) tn_tile(MR, steps, ai, ar, panel, ci, cs, k0 > 0, m0, m1, 1);
+                    else if (i1 - i >= MR) tn_tile(MR, steps, ai, ar, panel, ci, cs, k0 > 0, m0, m1, 0);
+                    else tn_tile(i1 - i, steps, ai, ar, panel, ci, cs, k0 > 0, m0, m1, f32);
+                }
+            }
+        }
+        free(panel), free(block);
+    }
+    return failed ? 2 : 0;
 }

@@ -3,7 +3,7 @@ measured faster there. model.py calls the entry points below; each falls back to
 
   attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, the products written out, (fp32, long
                          rows) a matrix at a time through oneDNN, or (bf16) kernels.c
-  Linear                 nn.Linear, its products through oneDNN
+  Linear                 nn.Linear, its products through oneDNN; weight_grad, its weight gradient, kernels.c's
   linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, kernels.c's passes (bf16 training), two
                          compiled passes, or ATen's GELU
   norm_modulate, GatedResidual
@@ -206,6 +206,7 @@ def native_kernel():
         lib.gelu.argtypes = [ptr] * 3 + [long, int_, int_]
         lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_, int_]
         lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
+        lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, int_]
         lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         NATIVE["lib"] = lib
     return NATIVE["lib"]
@@ -254,8 +255,8 @@ class Linear(torch.nn.Linear):
     """nn.Linear whose products run through oneDNN on the CPU in fp32 and bf16, which measured faster there than
     ATen's: the bias rides in the matmul's epilogue (bf16 addmm adds it in a pass of its own: 5-10% slower), and
     fp32 ATen calls MKL, which ran this AMD CPU's matmuls at 65-85% of oneDNN's speed. The input gradient goes
-    through oneDNN too, and so does the weight gradient in fp32 (g^T x at 1.7-1.9x MKL's speed: a training step
-    15-19% faster); in bf16 ATen's was 5-20% faster."""
+    through oneDNN too, and the weight gradient (weight_grad, below) through kernels.c, else oneDNN in fp32 (g^T x
+    at 1.7-1.9x MKL's speed: a training step 15-19% faster) and ATen in bf16 (5-20% faster than oneDNN there)."""
 
     def forward(self, x):
         dtype = cpu_dtype(x)
@@ -311,11 +312,31 @@ class OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = mm_t(g, w.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
-            x = x.reshape(-1, x.shape[-1])
-            gw = mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
+            gw = weight_grad(g, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
+
+
+# kernels.c's weight gradient reads g and x in place (oneDNN's fp32 one takes both transposed: two copies, at two
+# threads a third of its time; ATen's bf16 one ran at ~80% of the peak in a training step). Latte-S/2's four of a
+# block in a training step: fp32 65 against 77 ms at one thread, 32 against 43 ms at two; bf16 33.5 against 35.6
+# ms; training steps 4% (fp32, one thread), 7-9% (fp32, two) and 0.6-1.6% (bf16) faster (A/B of alternating steps).
+NATIVE_WEIGHT_GRAD = NATIVE_CPU
+
+
+def weight_grad(g, x):
+    """g^T x for g (T, out) and x (T, in), a linear layer's weight gradient: kernels.c (fp32 result), oneDNN (fp32)
+    or ATen (bf16, where it was faster than oneDNN)."""
+    if not (NATIVE_WEIGHT_GRAD and g.dtype == x.dtype and g.dtype in (torch.float32, torch.bfloat16)
+            and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
+            and not torch.compiler.is_compiling() and native_kernel() is not None):
+        return mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
+    a, b = (g, x) if g.shape[1] >= x.shape[1] else (x, g)  # the wider one broadcast (measured the faster way)
+    c = a.new_empty(a.shape[1], b.shape[1], dtype=torch.float32)
+    native_call(NATIVE["lib"].matmul_tn, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), c.data_ptr(),
+                c.stride(0), *c.shape, len(a), a.dtype == torch.float32)
+    return c if a is g else c.t()
 
 
 # -------------------------------------------------------------------------------------------------- adaLN

@@ -468,6 +468,7 @@ def test_onednn_linear_matches_aten(precision, monkeypatch):
     and gradients, against float64, in fp32 and under bf16 autocast, with and without autograd; fp32 weights get
     fp32 gradients, and a frozen input gets none. The backward's oneDNN calls: the input gradient's, and in fp32
     the weight gradient's."""
+    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", False)  # (kernels.c's: test_native_weight_grad_*)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or original(*a),
@@ -674,6 +675,63 @@ def test_native_gelu_matches_float64():
     assert y[-1].isnan() and leaf.grad[-1].isnan() and not y[:-1].isnan().any()
     with torch.autocast("cpu", torch.bfloat16):
         assert "NativeGeluBackward" in graph_nodes(Mlp(16, 64)(torch.randn(5, 16, requires_grad=True)))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, out, inp", [(4096, 384, 1536), (4096, 1152, 384), (301, 37, 45), (7, 1, 70), (129, 9, 12)])
+def test_native_weight_grad_matches_float64(T, out, inp, dtype):
+    """kernels.c's weight gradient g^T x: float64's on the same inputs, in fp32 at least as close as oneDNN's
+    (bf16: its products are exact, the sums fp32), over token counts odd and short, widths that are no multiple of
+    its tiles, either operand the wider, and rows of g with gaps (a slice of a wider tensor); one, two and three
+    threads give the same bytes (each value's sum runs in one order)."""
+    torch.manual_seed(0)
+    g = torch.randn(T, out + 5)[:, 2:out + 2].to(dtype)
+    x = torch.randn(T, inp).to(dtype)
+    ref = g.double().t() @ x.double()
+    results = []
+    for threads in (1, 2, 3):
+        with torch.inference_mode():
+            torch.set_num_threads(threads)
+            try:
+                results.append(kernels.weight_grad(g, x))
+            finally:
+                torch.set_num_threads(1)
+    w = results[0]
+    assert w.shape == (out, inp) and w.dtype == torch.float32 and all(torch.equal(w, r) for r in results)
+    error = (w.double() - ref).abs().max() / ref.abs().max()
+    if dtype == torch.float32:
+        assert error <= 2 * (kernels.mm_t(g.t(), x.t()).double() - ref).abs().max() / ref.abs().max() + 1e-7
+    assert error < 1e-6, error
+
+
+@needs_native
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_native_weight_grad_in_the_model(precision, monkeypatch):
+    """The model's gradients with kernels.c's weight gradients and without: as close to float64's, and it takes
+    every linear layer's weight gradient that goes through oneDNN."""
+    cfg = LatteConfig(input_size=16, num_frames=8, hidden_size=64, depth=2, num_heads=4, num_classes=3)
+    net = random_latte(cfg)
+    x, t, y = torch.randn(2, 8, 4, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 2])
+    exact = random_latte(cfg).double()
+    exact.load_state_dict(net.state_dict())
+    exact(x.double(), t, y).square().mean().backward()
+    ref = torch.cat([p.grad.flatten() for p in exact.parameters()])
+    called = []
+    native_call = kernels.native_call
+    monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
+    errors = []
+    for native in (True, False):
+        monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", native)
+        called.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), torch.profiler.profile() as p:
+            net(x, t, y).float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in net.parameters()]).double()
+        net.zero_grad()
+        errors.append((grads - ref).abs().max().item() / ref.abs().max().item())
+        layers = [e.name for e in p.events()].count("OneDnnLinearBackward")
+        assert layers >= 4 * cfg.depth and called.count("matmul_tn") == native * layers
+    assert errors[0] <= 1.2 * errors[1] + 1e-7, errors
 
 
 MALLINFO = """
