@@ -1,8 +1,8 @@
 """Faster kernels for model.py on the CPU: the same functions as their plain PyTorch forms, computed in ways that
 measured faster there. model.py calls the entry points below; each falls back to the plain form.
 
-  attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: torch's fused kernel, the products written out, (fp32, long
-                         rows) a matrix at a time through oneDNN, or (bf16) kernels.c
+  attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: kernels.c, torch's fused kernel, the products written out,
+                         or (fp32, long rows) a matrix at a time through oneDNN
   Linear                 nn.Linear, its products through oneDNN; weight_grad, its weight gradient, kernels.c's
   linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, kernels.c's passes (bf16 training), two
                          compiled passes, or ATen's GELU
@@ -73,7 +73,8 @@ def attention(q, k, v):
     faster (bf16: spatial attention 1.8x and temporal 8x in training, 1.5x in a forward), but for a forward on a CPU
     with AMX tiles, where the fused kernel was the faster one. Written out, q, k and v are first copied out of the
     strided qkv projection (the batched products would copy them anyway, operand by operand), and the 1/sqrt(Dh)
-    rides on the q k^T product instead of a pass over q. In bf16, where kernels.c runs (below), it takes all of it."""
+    rides on the q k^T product instead of a pass over q. Where kernels.c runs (below), it takes all of it, in bf16
+    and fp32."""
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if native_attention_fits(q, k, v):
         return NativeAttention.apply(q, k, v) if training else native_attention(q, k, v)
@@ -157,19 +158,30 @@ class LoopedAttention(torch.autograd.Function):
 # polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in the order the
 # out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64) 4.7 ms against 8.5 ms for the
 # products written out, forward and backward 17 against 23 ms, and more exact (the scores stay fp32). Under autograd
-# it keeps the probabilities, as the written-out products do.
+# it keeps the probabilities, as the written-out products do. In fp32 (any x86 CPU with what kernels.c needs), the
+# same with fmadd: spatial 10.3 against 15.6 ms for the oneDNN loop at one thread, 5.4 against 12 at two (forward
+# and backward 34 against 49 ms, 19 against 40-44), temporal 2.3 against 3.6 ms, 0.7 against 4.4 for the fused
+# kernel; a training step 3% faster at one thread, 11% at two, a forward 6% and 11% (A/B of alternating steps).
 NATIVE_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= CPU_FLAGS  # what kernels.c needs
-NATIVE_ATTENTION = NATIVE_CPU and not CPU_AMX
+NATIVE_ATTENTION = NATIVE_CPU and not CPU_AMX  # bf16
+NATIVE_ATTENTION_F32 = NATIVE_CPU
 NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512bf16")
 NATIVE = {}  # "lib": the loaded library once built, or None where building failed
 
 
 def native_attention_fits(q, k, v) -> bool:
-    return (NATIVE_ATTENTION and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+    native = {torch.bfloat16: NATIVE_ATTENTION, torch.float32: NATIVE_ATTENTION_F32}
+    return (native.get(q.dtype, False) and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
             and q.dim() == 4 and q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()
-            and q.stride(-1) == 1 and q.shape[-2] % 16 == 0 and q.shape[-1] % 2 == 0
-            and not torch.compiler.is_compiling() and native_kernel() is not None)
+            and q.stride(-1) == 1 and q.shape[-2] % 16 == 0 and q.shape[-1] % 2 == 0 and native_ready())
+
+
+def native_ready() -> bool:
+    """kernels.c built and loaded, and nothing watching torch's ops that would miss its calls: torch.compile, or a
+    dispatch mode such as FlopCounterMode (which then counts torch's products in their place)."""
+    return (not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and native_kernel() is not None)
 
 
 def native_kernel():
@@ -200,9 +212,11 @@ def native_kernel():
         except (OSError, subprocess.SubprocessError):
             return None
         ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        lib.attention_bf16.argtypes = [ptr] * 5 + [long] * 2 + [int_] * 2 + [long] * 6 + [ctypes.c_float, int_]
-        lib.attention_bf16_backward.argtypes = [ptr] * 9 + [long] * 2 + [int_] * 2 + [long] * 12 + [
-            ctypes.c_float, int_]
+        for dtype in ("bf16", "f32"):
+            getattr(lib, f"attention_{dtype}").argtypes = [ptr] * 5 + [long] * 2 + [int_] * 2 + [long] * 6 + [
+                ctypes.c_float, int_]
+            getattr(lib, f"attention_{dtype}_backward").argtypes = [ptr] * 9 + [long] * 2 + [int_] * 2 + [
+                long] * 12 + [ctypes.c_float, int_]
         lib.gelu.argtypes = [ptr] * 3 + [long, int_, int_]
         lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_, int_]
         lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
@@ -217,12 +231,16 @@ def native_call(fn, *args):  # every kernels.c function takes the thread count l
         raise MemoryError("kernels.c could not allocate its buffers")
 
 
+def native_function(name: str, dtype, suffix: str = ""):  # kernels.c's function for dtype, as attention_bf16
+    return getattr(NATIVE["lib"], f"{name}_{'f32' if dtype == torch.float32 else 'bf16'}{suffix}")
+
+
 def native_attention(q, k, v, probs=None):
-    """q, k, v (S, h, L, Dh) bf16 views with the same strides -> (S, h, L, Dh), a view of an (S, L, h, Dh) tensor;
-    probs, (S, h, L, L) or None, receives the probabilities."""
+    """q, k, v (S, h, L, Dh) bf16 or fp32 views with the same strides -> (S, h, L, Dh), a view of an (S, L, h, Dh)
+    tensor; probs, (S, h, L, L) or None, receives the probabilities."""
     S, h, L, Dh = q.shape
     out = q.new_empty(S, L, h, Dh).transpose(1, 2)
-    native_call(NATIVE["lib"].attention_bf16, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+    native_call(native_function("attention", q.dtype), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                 None if probs is None else probs.data_ptr(), S, h, L, Dh, *q.stride()[:3], *out.stride()[:3],
                 Dh ** -0.5)
     return out
@@ -243,7 +261,7 @@ class NativeAttention(torch.autograd.Function):
         g = g if g.stride(-1) == 1 else g.contiguous()
         grads = q.new_empty(3, S, L, h, Dh).transpose(2, 3)                           # 3 S h L Dh
         dq, dk, dv = grads.unbind(0)
-        native_call(NATIVE["lib"].attention_bf16_backward,
+        native_call(native_function("attention", q.dtype, "_backward"),
                     *(t.data_ptr() for t in (q, k, v, out, probs, g, dq, dk, dv)), S, h, L, Dh,
                     *(t.stride(i) for t in (q, out, g, dq) for i in range(3)), Dh ** -0.5)
         return dq, dk, dv
@@ -329,8 +347,7 @@ def weight_grad(g, x):
     """g^T x for g (T, out) and x (T, in), a linear layer's weight gradient: kernels.c (fp32 result), oneDNN (fp32)
     or ATen (bf16, where it was faster than oneDNN)."""
     if not (NATIVE_WEIGHT_GRAD and g.dtype == x.dtype and g.dtype in (torch.float32, torch.bfloat16)
-            and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
-            and not torch.compiler.is_compiling() and native_kernel() is not None):
+            and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1 and native_ready()):
         return mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
     a, b = (g, x) if g.shape[1] >= x.shape[1] else (x, g)  # the wider one broadcast (measured the faster way)
     c = a.new_empty(a.shape[1], b.shape[1], dtype=torch.float32)
@@ -355,7 +372,7 @@ def adaln_fits(x, mod, branch=None) -> bool:
             and cpu_dtype(x) == x.dtype and x.dim() == 4 and x.stride()[1:] == (N * D, D, 1)
             and mod.shape == (B, 1, 1, D)
             and (branch is None or (branch.dtype == x.dtype and branch.shape == x.shape and branch.stride(3) == 1))
-            and not torch.compiler.is_compiling() and native_kernel() is not None)
+            and native_ready())
 
 
 def norm_modulate(x, shift, scale, eps: float):
@@ -496,8 +513,7 @@ def training_gelu(h):
     global COMPILED_GELU
     if torch.compiler.is_compiling():  # inside a compiled model the compiler fuses ATen's GELU itself
         return Fn.gelu(h, approximate="tanh")
-    if (NATIVE_GELU and h.device.type == "cpu" and h.dtype == torch.bfloat16 and h.is_contiguous()
-            and native_kernel() is not None):
+    if NATIVE_GELU and h.device.type == "cpu" and h.dtype == torch.bfloat16 and h.is_contiguous() and native_ready():
         return NativeGelu.apply(h)
     if COMPILED_GELU is None:
         try:  # compile both now, on this shape, so that a missing compiler shows here and not mid-backward
