@@ -339,43 +339,50 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
     store_rows_f32(L, Dh, s->narrow, np, &scale, 0, dk, ds_);
 }
 
-/* the next matrix's rows of q, k and v, while this one computes: temporal attention's rows lie N tokens apart (its
- * forward took 1.9 ms a layer in a training step, 0.8 ms on data in the caches); a bf16 training step 1% faster at
- * one thread, 3% at two, a forward 0.7% and 1.5% */
-static void prefetch_rows(const void *q, const void *k, const void *v, long at, long rs, int L, int Dh, int es) {
-    for (long r = 0; r < L; r++) {
-        long i = (at + r * rs) * es;
-        prefetch((const char *)q + i, (long)Dh * es), prefetch((const char *)k + i, (long)Dh * es);
-        prefetch((const char *)v + i, (long)Dh * es);
-    }
+/* a matrix's L rows (rs apart, of `bytes`) at p + at, for the next matrix while this one computes: temporal
+ * attention's rows lie N tokens apart (its forward took 1.9 ms a layer in a training step, 0.8 ms on data in the
+ * caches); q, k and v: a bf16 training step 1% faster at one thread, 3% at two, a forward 0.7% and 1.5% */
+static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int es) {
+    for (long r = 0; r < L; r++) prefetch((const char *)p + (at + r * rs) * es, bytes);
 }
 
 /* All n_seq x n_heads matrices, split over `threads` OpenMP threads (torch's own, where this library binds to the
  * libgomp torch loaded). Strides in elements, the last dimension contiguous: q, k, v share (seq, head, row); out
  * and dq, dk, dv share theirs; probs is (matrices, L, L). Returns 0, 1 for shapes it does not take, 2 when out of
  * memory. */
-#define EACH_MATRIX(body)                                                                      \
+#define EACH_MATRIX(ahead, body)                                                               \
     if (L < 16 || L % 16 || Dh < 2 || Dh % 2) return 1;                                        \
-    int failed = 0;                                                                            \
+    int failed = 0, es = sizeof(*q);                                                           \
     _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {                       \
         scratch s;                                                                             \
         failed = !scratch_init(&s, L, Dh);                                                     \
         _Pragma("omp for schedule(static)") for (long m = 0; m < n_seq * n_heads; m++) {       \
             if (failed) continue;                                                              \
             long seq = m / n_heads, head = m % n_heads, at = seq * s_seq + head * s_head;      \
-            if (m + 1 < n_seq * n_heads)                                                       \
-                prefetch_rows(q, k, v, (m + 1) / n_heads * s_seq + (m + 1) % n_heads * s_head, \
-                              s_row, L, Dh, sizeof(*q));                                       \
+            if (m + 1 < n_seq * n_heads) {                                                     \
+                long seq1 = (m + 1) / n_heads, head1 = (m + 1) % n_heads;                      \
+                long at1 = seq1 * s_seq + head1 * s_head;                                      \
+                prefetch_rows(q, at1, s_row, L, Dh * es, es);                                  \
+                prefetch_rows(k, at1, s_row, L, Dh * es, es);                                  \
+                prefetch_rows(v, at1, s_row, L, Dh * es, es);                                  \
+                ahead;                                                                         \
+            }                                                                                  \
             body;                                                                              \
         }                                                                                      \
         scratch_free(&s);                                                                      \
     }                                                                                          \
     return failed ? 2 : 0;
 
+/* the backward also reads the output's rows and g's (rowsum(g out): without this, half the time of its passes
+ * outside the products went waiting on out's rows) */
+#define OUT_AND_G_AHEAD                                                     \
+    prefetch_rows(out, seq1 * o_seq + head1 * o_head, o_row, L, Dh * es, es); \
+    prefetch_rows(g, seq1 * g_seq + head1 * g_head, g_row, L, Dh * es, es)
+
 int attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, bf16 *probs, long n_seq, long n_heads,
                    int L, int Dh, long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row,
                    float scale, int threads) {
-    EACH_MATRIX(forward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
+    EACH_MATRIX(, forward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
                                probs ? probs + m * L * L : NULL, L, Dh, scale, &s))
 }
 
@@ -383,7 +390,7 @@ int attention_bf16_backward(const bf16 *q, const bf16 *k, const bf16 *v, const b
                             const bf16 *g, bf16 *dq, bf16 *dk, bf16 *dv, long n_seq, long n_heads, int L, int Dh,
                             long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, long g_seq,
                             long g_head, long g_row, long d_seq, long d_head, long d_row, float scale, int threads) {
-    EACH_MATRIX(long d = seq * d_seq + head * d_head;
+    EACH_MATRIX(OUT_AND_G_AHEAD, long d = seq * d_seq + head * d_head;
                 backward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
                                 probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,
                                 d_row, L, Dh, scale, &s))
@@ -392,7 +399,7 @@ int attention_bf16_backward(const bf16 *q, const bf16 *k, const bf16 *v, const b
 int attention_f32(const float *q, const float *k, const float *v, float *out, float *probs, long n_seq, long n_heads,
                   int L, int Dh, long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, float scale,
                   int threads) {
-    EACH_MATRIX(forward_matrix_f32(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
+    EACH_MATRIX(, forward_matrix_f32(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
                                    probs ? probs + m * L * L : NULL, L, Dh, scale, &s))
 }
 
@@ -400,7 +407,7 @@ int attention_f32_backward(const float *q, const float *k, const float *v, const
                            const float *g, float *dq, float *dk, float *dv, long n_seq, long n_heads, int L, int Dh,
                            long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, long g_seq,
                            long g_head, long g_row, long d_seq, long d_head, long d_row, float scale, int threads) {
-    EACH_MATRIX(long d = seq * d_seq + head * d_head;
+    EACH_MATRIX(OUT_AND_G_AHEAD, long d = seq * d_seq + head * d_head;
                 backward_matrix_f32(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
                                     probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,
                                     d_row, L, Dh, scale, &s))

@@ -281,8 +281,7 @@ class Linear(torch.nn.Linear):
         if not onednn(dtype):
             return super().forward(x)
         if torch.is_grad_enabled():
-            w, b = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
-            return OneDnnLinear.apply(x.to(dtype), w, b)
+            return OneDnnLinear.apply(x.to(dtype), self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *inference_weights(self, dtype), "none", [], "")
 
 
@@ -316,11 +315,15 @@ def inference_weights(layer: torch.nn.Linear, dtype):  # (weight, bias) in dtype
 
 
 class OneDnnLinear(torch.autograd.Function):
+    """x w^T + b with x in the dtype to compute in and w, b the layer's own (cast here, not by autograd: the weight's
+    and bias's gradients come back in their dtype, without a round trip through bf16)."""
+
     @staticmethod
     def forward(ctx, x, w, b):
+        w = w.to(x.dtype)
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, w, None if b is None else b.to(x.dtype), "none", [], "")
 
     @staticmethod
     def backward(ctx, g):  # g (..., out): x's gradient g w, w's g^T x, b's the sum of g
@@ -332,7 +335,7 @@ class OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = weight_grad(g, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(0)
+            gb = g.sum(0, dtype=torch.float32)
         return gx, gw, gb
 
 
