@@ -335,7 +335,7 @@ class OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = weight_grad(g, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(0, dtype=torch.float32)
+            gb = g.sum(0)  # (in bf16 it rounds to bf16: dtype=float32 would first copy all of g to fp32)
         return gx, gw, gb
 
 
