@@ -343,14 +343,19 @@ class OneDnnLinear(torch.autograd.Function):
 # threads a third of its time; ATen's bf16 one ran at ~80% of the peak in a training step). Latte-S/2's four of a
 # block in a training step: fp32 65 against 77 ms at one thread, 32 against 43 ms at two; bf16 33.5 against 35.6
 # ms; training steps 4% (fp32, one thread), 7-9% (fp32, two) and 0.6-1.6% (bf16) faster (A/B of alternating steps).
+# With larger results it fell behind (each block of tokens reads and writes the fp32 result again): Latte-XL/2's fc1
+# and fc2 (4608 x 1152) in bf16 took 62 against ATen's 49-53 ms at two threads, and with only its qkv and proj
+# (3456 x 1152, 1152 x 1152; faster alone) a bf16 training step was still 3% slower. Latte-S/2's are at most 0.6 Mi.
 NATIVE_WEIGHT_GRAD = NATIVE_CPU
+WEIGHT_GRAD_MAX = 1 << 20  # values of the result
 
 
 def weight_grad(g, x):
     """g^T x for g (T, out) and x (T, in), a linear layer's weight gradient: kernels.c (fp32 result), oneDNN (fp32)
     or ATen (bf16, where it was faster than oneDNN)."""
     if not (NATIVE_WEIGHT_GRAD and g.dtype == x.dtype and g.dtype in (torch.float32, torch.bfloat16)
-            and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1 and native_ready()):
+            and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
+            and g.shape[1] * x.shape[1] <= WEIGHT_GRAD_MAX and native_ready()):
         return mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
     a, b = (g, x) if g.shape[1] >= x.shape[1] else (x, g)  # the wider one broadcast (measured the faster way)
     c = a.new_empty(a.shape[1], b.shape[1], dtype=torch.float32)

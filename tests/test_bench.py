@@ -720,7 +720,7 @@ def test_native_weight_grad_matches_float64(T, out, inp, dtype):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_native_weight_grad_in_the_model(precision, monkeypatch):
     """The model's gradients with kernels.c's weight gradients and without: as close to float64's, and it takes
-    every linear layer's weight gradient that goes through oneDNN."""
+    every linear layer's weight gradient that goes through oneDNN, but for results larger than WEIGHT_GRAD_MAX."""
     cfg = LatteConfig(input_size=16, num_frames=8, hidden_size=64, depth=2, num_heads=4, num_classes=3)
     net = random_latte(cfg)
     x, t, y = torch.randn(2, 8, 4, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 2])
@@ -743,6 +743,11 @@ def test_native_weight_grad_in_the_model(precision, monkeypatch):
         layers = [e.name for e in p.events()].count("OneDnnLinearBackward")
         assert layers >= 4 * cfg.depth and called.count("matmul_tn") == native * layers
     assert errors[0] <= 1.2 * errors[1] + 1e-7, errors
+    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", True)
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_MAX", 64 * 64 - 1)  # results past it (every layer here) go to torch
+    called.clear()
+    net(x, t, y).float().square().mean().backward()
+    assert "matmul_tn" not in called
 
 
 MALLINFO = """
