@@ -178,7 +178,8 @@ static void store_rows_f32(int R, int n, const float *c, long cr, const float *s
     for (int r = 0; r < R; r++) {
         __m512 s = _mm512_set1_ps(scale[r * step]);
         for (int j = 0; j < n; j += 16)
-            _mm512_mask_storeu_ps(out + r * os + j, lanes_mask(n - j), _mm512_mul_ps(_mm512_loadu_ps(c + r * cr + j), s));
+            _mm512_mask_storeu_ps(out + r * os + j, lanes_mask(n - j),
+                                  _mm512_mul_ps(_mm512_loadu_ps(c + r * cr + j), s));
     }
 }
 
@@ -325,9 +326,10 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
                 acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes_mask(Dh - d), g + i * gs + d),
                                       _mm512_maskz_loadu_ps(lanes_mask(Dh - d), out + i * os + d), acc);
             __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
-            for (int j = 0; j < L; j += 16)
-                _mm512_storeu_ps(ds + i * L + j, _mm512_mul_ps(_mm512_loadu_ps(probs + i * L + j),
-                                                               _mm512_sub_ps(_mm512_loadu_ps(s->c + r * L + j), delta)));
+            for (int j = 0; j < L; j += 16) {
+                __m512 centred = _mm512_sub_ps(_mm512_loadu_ps(s->c + r * L + j), delta);  /* dp - delta */
+                _mm512_storeu_ps(ds + i * L + j, _mm512_mul_ps(_mm512_loadu_ps(probs + i * L + j), centred));
+            }
         }
     }
     int np = padded(Dh);
@@ -379,39 +381,25 @@ static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int
     prefetch_rows(out, seq1 * o_seq + head1 * o_head, o_row, L, Dh * es, es); \
     prefetch_rows(g, seq1 * g_seq + head1 * g_head, g_row, L, Dh * es, es)
 
-int attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, bf16 *probs, long n_seq, long n_heads,
-                   int L, int Dh, long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row,
-                   float scale, int threads) {
-    EACH_MATRIX(, forward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
-                               probs ? probs + m * L * L : NULL, L, Dh, scale, &s))
-}
+/* the entry points, attention_bf16 (and _backward) and attention_f32, for elements of type T */
+#define ATTENTION(name, T, forward, backward)                                                                        \
+    int name(const T *q, const T *k, const T *v, T *out, T *probs, long n_seq, long n_heads, int L, int Dh,        \
+             long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, float scale, int threads) { \
+        EACH_MATRIX(, forward(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,             \
+                              probs ? probs + m * L * L : NULL, L, Dh, scale, &s))                                  \
+    }                                                                                                              \
+    int name##_backward(const T *q, const T *k, const T *v, const T *out, const T *probs, const T *g, T *dq,       \
+                        T *dk, T *dv, long n_seq, long n_heads, int L, int Dh, long s_seq, long s_head,            \
+                        long s_row, long o_seq, long o_head, long o_row, long g_seq, long g_head, long g_row,      \
+                        long d_seq, long d_head, long d_row, float scale, int threads) {                           \
+        EACH_MATRIX(OUT_AND_G_AHEAD, long d = seq * d_seq + head * d_head;                                         \
+                    backward(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,              \
+                             probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,    \
+                             d_row, L, Dh, scale, &s))                                                            \
+    }
 
-int attention_bf16_backward(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *out, const bf16 *probs,
-                            const bf16 *g, bf16 *dq, bf16 *dk, bf16 *dv, long n_seq, long n_heads, int L, int Dh,
-                            long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, long g_seq,
-                            long g_head, long g_row, long d_seq, long d_head, long d_row, float scale, int threads) {
-    EACH_MATRIX(OUT_AND_G_AHEAD, long d = seq * d_seq + head * d_head;
-                backward_matrix(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
-                                probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,
-                                d_row, L, Dh, scale, &s))
-}
-
-int attention_f32(const float *q, const float *k, const float *v, float *out, float *probs, long n_seq, long n_heads,
-                  int L, int Dh, long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, float scale,
-                  int threads) {
-    EACH_MATRIX(, forward_matrix_f32(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
-                                   probs ? probs + m * L * L : NULL, L, Dh, scale, &s))
-}
-
-int attention_f32_backward(const float *q, const float *k, const float *v, const float *out, const float *probs,
-                           const float *g, float *dq, float *dk, float *dv, long n_seq, long n_heads, int L, int Dh,
-                           long s_seq, long s_head, long s_row, long o_seq, long o_head, long o_row, long g_seq,
-                           long g_head, long g_row, long d_seq, long d_head, long d_row, float scale, int threads) {
-    EACH_MATRIX(OUT_AND_G_AHEAD, long d = seq * d_seq + head * d_head;
-                backward_matrix_f32(q + at, k + at, v + at, s_row, out + seq * o_seq + head * o_head, o_row,
-                                    probs + m * L * L, g + seq * g_seq + head * g_head, g_row, dq + d, dk + d, dv + d,
-                                    d_row, L, Dh, scale, &s))
-}
+ATTENTION(attention_bf16, bf16, forward_matrix, backward_matrix)
+ATTENTION(attention_f32, float, forward_matrix_f32, backward_matrix_f32)
 
 /* The passes over rows of activations below take bf16 or fp32 tensors (f32 = 1) and compute in fp32. */
 static inline __m512 load_f32(const float *x, int n) { return _mm512_maskz_loadu_ps(lanes_mask(n), x); }
