@@ -315,10 +315,12 @@ def test_native_attention_matches_float64(S, L, h, Dh, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_attention_keeps_nans_and_splits_work_exactly(dtype, monkeypatch):
     """A NaN in a query row gives that row NaN (as torch's attention does) and no other; the matrices split over
-    two threads give the very bytes of one thread."""
+    two threads give the very bytes of one thread. Under a dispatch mode (FlopCounterMode) torch's paths run."""
     monkeypatch.setattr(kernels, "NATIVE_ATTENTION", True)  # (also on a CPU with AMX tiles, which skips it)
     q, k, v = (torch.randn(4, 2, 32, 16).to(dtype) for _ in range(3))
     assert kernels.native_attention_fits(q, k, v)
+    with FlopCounterMode(display=False):  # a dispatch mode sees torch's ops only: they run in its place
+        assert not kernels.native_attention_fits(q, k, v)
     q[1, 0, 5, 3] = float("nan")
     out = attention(q, k, v)
     assert out[1, 0, 5].isnan().all() and out.isnan().sum() == 16
