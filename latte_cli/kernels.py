@@ -180,10 +180,10 @@ def native_attention_fits(q, k, v) -> bool:
 def native_ready() -> bool:
     """kernels.c built and loaded, and nothing watching torch's ops that would miss its calls: torch.compile, or a
     dispatch mode such as FlopCounterMode (which then counts torch's products in their place)."""
-    return not torch.compiler.is_compiling() and not DISPATCH_MODES() and native_kernel() is not None
+    return not torch.compiler.is_compiling() and not dispatch_modes() and native_kernel() is not None
 
 
-DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)  # how many are active (torch's own count)
+dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)  # how many are active (torch's own count)
 
 
 def native_kernel():
