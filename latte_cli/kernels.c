@@ -163,23 +163,35 @@ static void interleave(const bf16 *src, long rs, int rows, int cols, bf16 *dst) 
         zip_rows(src + c, rs, rows, cols - c < 32 ? cols - c : 32, dst + 2 * c, 2L * cols);
 }
 
-/* out[r][0:n] = bf16(c[r][0:n] * scale[r * step]) for R rows */
-static void store_rows(int R, int n, const float *c, long cr, const float *scale, int step, bf16 *out, long os) {
-    for (int r = 0; r < R; r++) {
-        __m512 s = _mm512_set1_ps(scale[r * step]);
-        for (int j = 0; j < n; j += 16)
-            _mm256_mask_storeu_epi16(out + r * os + j, lanes_mask(n - j),
-                                     (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * cr + j), s)));
-    }
+/* Loads and stores of bf16 or fp32 values (f32 = 1) as fp32 registers, n <= 16 of them. */
+static inline __m512 load16_bf16(const bf16 *x) {  /* 16 bf16 as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-/* out[r][0:n] = c[r][0:n] * scale[r * step] for R rows, in fp32 */
-static void store_rows_f32(int R, int n, const float *c, long cr, const float *scale, int step, float *out, long os) {
+static inline __m512 load_bf16(const bf16 *x, int n) {  /* up to 16 bf16 as fp32 */
+    __m256i h = _mm256_maskz_loadu_epi16(lanes_mask(n), x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 load_f32(const float *x, int n) { return _mm512_maskz_loadu_ps(lanes_mask(n), x); }
+
+static inline __m512 load_as_f32(const void *p, long i, int n, int f32) {
+    if (f32) return load_f32((const float *)p + i, n);
+    return n == 16 ? load16_bf16((const bf16 *)p + i) : load_bf16((const bf16 *)p + i, n);
+}
+
+static inline void store_from_f32(void *p, long i, int n, int f32, __m512 v) {
+    if (f32) _mm512_mask_storeu_ps((float *)p + i, lanes_mask(n), v);
+    else _mm256_mask_storeu_epi16((bf16 *)p + i, lanes_mask(n), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* out[r][0:n] = c[r][0:n] * scale[r * step] for R rows, stored as bf16 or fp32 */
+static void store_rows(int R, int n, const float *c, long cr, const float *scale, int step, void *out, long os,
+                       int f32) {
     for (int r = 0; r < R; r++) {
         __m512 s = _mm512_set1_ps(scale[r * step]);
         for (int j = 0; j < n; j += 16)
-            _mm512_mask_storeu_ps(out + r * os + j, lanes_mask(n - j),
-                                  _mm512_mul_ps(_mm512_loadu_ps(c + r * cr + j), s));
+            store_from_f32(out, r * os + j, n - j, f32, _mm512_mul_ps(_mm512_loadu_ps(c + r * cr + j), s));
     }
 }
 
@@ -238,20 +250,11 @@ static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs,
         bf16 *p = probs ? probs + (long)i0 * L : s->p;
         for (int r = 0; r < R; r++) {  /* probabilities, the kept ones normalised */
             inv[r] = exp_row(s->c + (long)r * L, L, scale);
-            store_rows(1, L, s->c + (long)r * L, L, probs ? inv + r : &one, 0, p + (long)r * L, L);
+            store_rows(1, L, s->c + (long)r * L, L, probs ? inv + r : &one, 0, p + (long)r * L, L, 0);
         }
         product(0, R, Dh, L / 2, p, L, 2, vi, 2L * Dh, s->narrow, padded(Dh));  /* p v */
-        store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os);
+        store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os, 0);
     }
-}
-
-static inline __m512 load16_bf16(const bf16 *x) {  /* 16 bf16 as fp32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
-
-static inline __m512 load_bf16(const bf16 *x, int n) {  /* up to 16 bf16 as fp32 */
-    __m256i h = _mm256_maskz_loadu_epi16(lanes_mask(n), x);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, const bf16 *out, long os,
@@ -282,14 +285,14 @@ static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs
     int np = padded(Dh);
     float one = 1.f;
     product(0, L, Dh, L / 2, ds, L, 2, ki, 2L * Dh, s->narrow, np);  /* dq = ds k scale */
-    store_rows(L, Dh, s->narrow, np, &scale, 0, dq, ds_);
+    store_rows(L, Dh, s->narrow, np, &scale, 0, dq, ds_, 0);
     /* dv = p^T g and dk = ds^T q scale: A's pairs run down the columns of p and ds, so interleave their rows */
     interleave(probs, L, L, L, ti);
     product(0, L, Dh, L / 2, ti, 2, 2L * L, gi, 2L * Dh, s->narrow, np);
-    store_rows(L, Dh, s->narrow, np, &one, 0, dv, ds_);
+    store_rows(L, Dh, s->narrow, np, &one, 0, dv, ds_, 0);
     interleave(ds, L, L, L, ti);
     product(0, L, Dh, L / 2, ti, 2, 2L * L, qi, 2L * Dh, s->narrow, np);
-    store_rows(L, Dh, s->narrow, np, &scale, 0, dk, ds_);
+    store_rows(L, Dh, s->narrow, np, &scale, 0, dk, ds_, 0);
 }
 
 /* fp32: the same, with fmadd for vdpbf16ps: k and v transposed (for q k^T and g v^T) and the rest read in place,
@@ -305,10 +308,10 @@ static void forward_matrix_f32(const float *q, const float *k, const float *v, l
         product_f32(1, R, L, Dh, q + i0 * rs, rs, 1, kt, L, p, L);  /* scores */
         for (int r = 0; r < R; r++) {
             inv[r] = exp_row(p + (long)r * L, L, scale);
-            if (probs) store_rows_f32(1, L, p + (long)r * L, L, inv + r, 0, p + (long)r * L, L);
+            if (probs) store_rows(1, L, p + (long)r * L, L, inv + r, 0, p + (long)r * L, L, 1);
         }
         product_f32(0, R, Dh, L, p, L, 1, v, rs, s->narrow, padded(Dh));  /* p v */
-        store_rows_f32(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os);
+        store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os, 1);
     }
 }
 
@@ -323,8 +326,7 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
             long i = i0 + r;
             __m512 acc = _mm512_setzero_ps();
             for (int d = 0; d < Dh; d += 16)
-                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes_mask(Dh - d), g + i * gs + d),
-                                      _mm512_maskz_loadu_ps(lanes_mask(Dh - d), out + i * os + d), acc);
+                acc = _mm512_fmadd_ps(load_f32(g + i * gs + d, Dh - d), load_f32(out + i * os + d, Dh - d), acc);
             __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
             for (int j = 0; j < L; j += 16) {
                 __m512 centred = _mm512_sub_ps(_mm512_loadu_ps(s->c + r * L + j), delta);  /* dp - delta */
@@ -334,11 +336,11 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
     }
     int np = padded(Dh);
     product_f32(0, L, Dh, L, ds, L, 1, k, rs, s->narrow, np);  /* dq = ds k scale */
-    store_rows_f32(L, Dh, s->narrow, np, &scale, 0, dq, ds_);
+    store_rows(L, Dh, s->narrow, np, &scale, 0, dq, ds_, 1);
     product_f32(0, L, Dh, L, probs, 1, L, g, gs, s->narrow, np);  /* dv = p^T g */
-    store_rows_f32(L, Dh, s->narrow, np, &one, 0, dv, ds_);
+    store_rows(L, Dh, s->narrow, np, &one, 0, dv, ds_, 1);
     product_f32(0, L, Dh, L, ds, 1, L, q, rs, s->narrow, np);  /* dk = ds^T q scale */
-    store_rows_f32(L, Dh, s->narrow, np, &scale, 0, dk, ds_);
+    store_rows(L, Dh, s->narrow, np, &scale, 0, dk, ds_, 1);
 }
 
 /* a matrix's L rows (rs apart, of `bytes`) at p + at, for the next matrix while this one computes: temporal
@@ -400,19 +402,6 @@ static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int
 
 ATTENTION(attention_bf16, bf16, forward_matrix, backward_matrix)
 ATTENTION(attention_f32, float, forward_matrix_f32, backward_matrix_f32)
-
-/* The passes over rows of activations below take bf16 or fp32 tensors (f32 = 1) and compute in fp32. */
-static inline __m512 load_f32(const float *x, int n) { return _mm512_maskz_loadu_ps(lanes_mask(n), x); }
-
-static inline __m512 load_as_f32(const void *p, long i, int n, int f32) {
-    if (f32) return load_f32((const float *)p + i, n);
-    return n == 16 ? load16_bf16((const bf16 *)p + i) : load_bf16((const bf16 *)p + i, n);
-}
-
-static inline void store_from_f32(void *p, long i, int n, int f32, __m512 v) {
-    if (f32) _mm512_mask_storeu_ps((float *)p + i, lanes_mask(n), v);
-    else _mm256_mask_storeu_epi16((bf16 *)p + i, lanes_mask(n), (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 /* The tanh-GELU in the form h sigmoid(2u), 2u = h (C + C 0.044715 h^2), C = 2 sqrt(2/pi), over n contiguous values:
  * y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). */

@@ -151,10 +151,10 @@ class LoopedAttention(torch.autograd.Function):
         return tuple(d.view(shape) for d, shape in zip((dq, dk, dv), ctx.shapes, strict=True))
 
 
-# kernels.c: bf16 kernels for x86 CPUs with AVX-512 BF16, compiled on first use with the system's C compiler (cc, or
-# $CC; about a second) into ~/.cache/latte and loaded through ctypes; they run on torch's OpenMP threads. Where the
-# CPU or the compiler does not fit, the paths above run. Attention (not on CPUs with AMX tiles, where torch's fused
-# kernel measured faster) computes a (sequence, head) matrix at a time in registers and the L1/L2 caches, with a
+# kernels.c: bf16 and fp32 kernels for x86 CPUs with AVX-512 BF16, compiled on first use with the system's C compiler
+# (cc, or $CC; about a second) into ~/.cache/latte and loaded through ctypes; they run on torch's OpenMP threads.
+# Where the CPU or the compiler does not fit, the paths above run. Attention (in bf16 not on CPUs with AMX tiles,
+# where torch's fused kernel measured faster) computes a (sequence, head) matrix at a time in registers and the L1/L2 caches, with a
 # polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in the order the
 # out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64) 4.7 ms against 8.5 ms for the
 # products written out, forward and backward 17 against 23 ms, and more exact (the scores stay fp32). Under autograd
