@@ -543,12 +543,13 @@ int gated_backward(const void *g, const void *branch, void *dbranch, int B, long
 }
 
 /* A linear layer's weight gradient, c = a^T b (M x N, fp32) over the K rows of a (K x M) and b (K x N), where a is
- * the output's gradient and b the input, or the other way round, both as autograd holds them (rows of tokens): the
- * products through oneDNN would first copy both transposed. A tile of MR rows x 32 columns of c adds, for each k,
+ * the output's gradient and b the input, both as autograd holds them (rows of tokens): the products through oneDNN
+ * would first copy both transposed. A tile of MR rows x 32 columns of c adds, for each k,
  * a[k][m] broadcast times 32 values of b's row k (in bf16, for each pair of k, the pair of a's broadcast times 32
  * pairs of b's, vdpbf16ps). a is read a block of KC x MC at a time from L2, in place in fp32 and laid out as pairs
  * in bf16; b as a panel of KC x 32 copied into L1. The work is blocks of c (MC rows x 32 columns), shared among the
- * threads. */
+ * threads. sum, if not NULL: a's column sums as well (the bias's gradient), each taken by the block of c at its
+ * first 32 columns from the rows of a that block brings into cache. */
 #define MR 12
 #define KC 128  /* (of fp32: 256 of bf16) */
 #define MC 480
@@ -592,8 +593,23 @@ static inline __attribute__((always_inline)) void tn_tile(int R, int K, const vo
     }
 }
 
+/* sum[0:n] (+)= the sums over K rows (rs apart) of x's first n columns, in fp32, each in the rows' order (a block's
+ * sum first, then added: as close as ATen's) */
+static void column_sums(const void *x, long rs, int K, long n, float *sum, int add, int f32) {
+    for (long j = 0; j < n; j += 64) {  /* four sums at a time */
+        __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int w[4];
+        for (int v = 0; v < 4; v++) w[v] = n - j - 16 * v < 0 ? 0 : n - j - 16 * v < 16 ? n - j - 16 * v : 16;
+        for (int k = 0; k < K; k++)
+            for (int v = 0; v < 4; v++) s[v] = _mm512_add_ps(s[v], load_as_f32(x, k * rs + j + 16 * v, w[v], f32));
+        for (int v = 0; v < 4; v++)
+            _mm512_mask_storeu_ps(sum + j + 16 * v, lanes_mask(w[v]),
+                                  add ? _mm512_add_ps(s[v], load_f32(sum + j + 16 * v, w[v])) : s[v]);
+    }
+}
+
 int matmul_tn(const void *a, long as, const void *b, long bs, float *c, long cs, long M, long N, long K, int f32,
-              int threads) {
+              float *sum, int threads) {
     long panels = (N + 31) / 32, blocks = (M + MC - 1) / MC, kc_max = f32 ? KC : 2 * KC;
     while (blocks * panels < 2L * threads && blocks * MR < M) blocks++;  /* enough work for every thread */
     long mc = (M + blocks - 1) / blocks, work = blocks * panels;
@@ -626,6 +642,7 @@ int matmul_tn(const void *a, long as, const void *b, long bs, float *c, long cs,
                     packed = i0;
                     zip_rows((const bf16 *)bk, bs, kc, cols, panel, 64);
                 }
+                if (sum && n0 == 0) column_sums(ak, as, kc, i1 - i0, sum + i0, k0 > 0, f32);
                 for (long i = i0; i < i1; i += MR) {
                     const void *ai = f32 ? (const void *)((const float *)ak + (i - i0))
                                          : (const void *)((const bf16 *)block + 2 * (i - i0));

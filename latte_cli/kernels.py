@@ -222,7 +222,7 @@ def native_kernel():
         lib.gelu.argtypes = [ptr] * 3 + [long, int_, int_]
         lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_, int_]
         lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
-        lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, int_]
+        lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, ptr, int_]
         lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         NATIVE["lib"] = lib
     return NATIVE["lib"]
@@ -334,10 +334,11 @@ class OneDnnLinear(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = mm_t(g, w.t()).view(x.shape)
+        bias = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            gw = weight_grad(g, x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(0)  # (in bf16 it rounds to bf16: dtype=float32 would first copy all of g to fp32)
+            gw, gb = weight_grad(g, x.reshape(-1, x.shape[-1]), bias)
+        elif bias:
+            gb = g.sum(0)
         return gx, gw, gb
 
 
@@ -352,18 +353,20 @@ NATIVE_WEIGHT_GRAD = NATIVE_CPU
 WEIGHT_GRAD_MAX = 1 << 20  # values of the result
 
 
-def weight_grad(g, x):
-    """g^T x for g (T, out) and x (T, in), a linear layer's weight gradient: kernels.c (fp32 result), oneDNN (fp32)
-    or ATen (bf16, where it was faster than oneDNN)."""
+def weight_grad(g, x, bias: bool = False):
+    """(g^T x, g's column sums if bias else None) for g (T, out) and x (T, in): a linear layer's weight and bias
+    gradients, by kernels.c (fp32 results, the sums in the same pass), oneDNN (fp32) or ATen (bf16, where it was
+    faster than oneDNN; the sums in g's dtype: in fp32 they would first copy all of a bf16 g)."""
     if not (NATIVE_WEIGHT_GRAD and g.dtype == x.dtype and g.dtype in (torch.float32, torch.bfloat16)
             and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
             and g.shape[1] * x.shape[1] <= WEIGHT_GRAD_MAX and native_ready()):
-        return mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
-    a, b = (g, x) if g.shape[1] >= x.shape[1] else (x, g)  # the wider one broadcast (measured the faster way)
-    c = a.new_empty(a.shape[1], b.shape[1], dtype=torch.float32)
-    native_call(NATIVE["lib"].matmul_tn, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), c.data_ptr(),
-                c.stride(0), *c.shape, len(a), a.dtype == torch.float32)
-    return c if a is g else c.t()
+        w = mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
+        return w, g.sum(0) if bias else None
+    w = g.new_empty(g.shape[1], x.shape[1], dtype=torch.float32)
+    sums = g.new_empty(g.shape[1], dtype=torch.float32) if bias else None
+    native_call(NATIVE["lib"].matmul_tn, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), w.data_ptr(),
+                w.stride(0), *w.shape, len(g), g.dtype == torch.float32, None if sums is None else sums.data_ptr())
+    return w, sums
 
 
 # -------------------------------------------------------------------------------------------------- adaLN

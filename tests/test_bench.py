@@ -694,28 +694,33 @@ def test_native_gelu_matches_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, out, inp", [(4096, 384, 1536), (4096, 1152, 384), (301, 37, 45), (7, 1, 70), (129, 9, 12)])
 def test_native_weight_grad_matches_float64(T, out, inp, dtype):
-    """kernels.c's weight gradient g^T x: float64's on the same inputs, in fp32 at least as close as oneDNN's
-    (bf16: its products are exact, the sums fp32), over token counts odd and short, widths that are no multiple of
-    its tiles, either operand the wider, and rows of g with gaps (a slice of a wider tensor); one, two and three
-    threads give the same bytes (each value's sum runs in one order)."""
+    """kernels.c's weight gradient g^T x and bias gradient (g's column sums, in the same pass): float64's on the
+    same inputs, in fp32 at least as close as oneDNN's and ATen's (bf16: its products are exact, the sums fp32),
+    over token counts odd and short, widths that are no multiple of its tiles, either operand the wider, and rows
+    of g with gaps (a slice of a wider tensor); one, two and three threads give the same bytes (each value's sum
+    runs in one order)."""
     torch.manual_seed(0)
     g = torch.randn(T, out + 5)[:, 2:out + 2].to(dtype)
     x = torch.randn(T, inp).to(dtype)
-    ref = g.double().t() @ x.double()
+    ref, ref_bias, bias_scale = g.double().t() @ x.double(), g.double().sum(0), g.double().abs().sum(0).max()
     results = []
     for threads in (1, 2, 3):
         with torch.inference_mode():
             torch.set_num_threads(threads)
             try:
-                results.append(kernels.weight_grad(g, x))
+                results.append(kernels.weight_grad(g, x, bias=True))
             finally:
                 torch.set_num_threads(1)
-    w = results[0]
-    assert w.shape == (out, inp) and w.dtype == torch.float32 and all(torch.equal(w, r) for r in results)
+    w, b = results[0]
+    assert w.shape == (out, inp) and w.dtype == torch.float32 and b.shape == (out,) and b.dtype == torch.float32
+    assert all(torch.equal(w, rw) and torch.equal(b, rb) for rw, rb in results)
+    assert kernels.weight_grad(g, x)[1] is None
     error = (w.double() - ref).abs().max() / ref.abs().max()
+    bias_error = (b.double() - ref_bias).abs().max() / bias_scale  # (relative to the sum of sizes: no cancellation)
     if dtype == torch.float32:
         assert error <= 2 * (kernels.mm_t(g.t(), x.t()).double() - ref).abs().max() / ref.abs().max() + 1e-7
-    assert error < 1e-6, error
+        assert bias_error <= 2 * (g.sum(0).double() - ref_bias).abs().max() / bias_scale + 1e-7
+    assert error < 1e-6 and bias_error < 1e-6, (error, bias_error)
 
 
 @needs_native
