@@ -258,17 +258,18 @@ class Attention(nn.Module):
     @staticmethod
     def spatial(qkv):                                                                # B F N 3 h Dh
         B = qkv.shape[0]
-        q, k, v = (rearrange(t, "b f n h d -> (b f) h n d") for t in qkv.unbind(3))
-        out = kernels.attention(q, k, v)                                             # (B F) h N Dh
+        out = kernels.packed_attention(rearrange(qkv, "b f n t h d -> t (b f) h n d"))  # (B F) h N Dh
         return rearrange(out, "(b f) h n d -> b f n h d", b=B)
 
     @staticmethod
     def temporal(qkv, rope):                                                         # B F N 3 h Dh
         B = qkv.shape[0]
-        q, k, v = (rearrange(t, "b f n h d -> (b n) h f d") for t in qkv.unbind(3))  # frames attend
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = kernels.attention(q, k, v)                                             # (B N) h F Dh
+        qkv = rearrange(qkv, "b f n t h d -> t (b n) h f d")                         # frames attend
+        if rope is None:
+            out = kernels.packed_attention(qkv)                                      # (B N) h F Dh
+        else:
+            q, k, v = qkv.unbind(0)
+            out = kernels.attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
         return rearrange(out, "(b n) h f d -> b n f h d", b=B)                       # B N F h Dh
 
 

@@ -90,6 +90,16 @@ def attention(q, k, v):
     return (s.softmax(dim=-1) @ v).view(out_shape)
 
 
+def packed_attention(qkv):
+    """attention(*qkv.unbind(0)) for qkv (3, ..., L, Dh), views into the qkv projection's output: where kernels.c
+    takes it in training, its gradient comes back as one tensor in qkv's own layout, which the projection's backward
+    reads as it is (q's, k's and v's apart would be stacked into it, a copy of them all)."""
+    q, k, v = qkv.unbind(0)
+    if torch.is_grad_enabled() and qkv.requires_grad and native_attention_fits(q, k, v):
+        return NativeAttention.apply(qkv)
+    return attention(q, k, v)
+
+
 # ATen's CPU softmax is several times slower on rows shorter than one vector register (measured on AVX-512: bf16 rows
 # of 16 and fp32 rows of 8; rows of 32 and more run at full speed in both). A bf16 vector holds twice the elements
 # of an fp32 one, so rows of 16-31 (AVX-512; 8-15 on AVX2), such as temporal attention over 16 frames, go through
@@ -249,24 +259,28 @@ def native_attention(q, k, v, probs=None):
 
 
 class NativeAttention(torch.autograd.Function):
+    """Inputs q, k, v, or one packed qkv (3, S, h, L, Dh) whose gradient comes back in its layout."""
+
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, *qkv):
+        q, k, v = qkv[0].unbind(0) if len(qkv) == 1 else qkv
         probs = q.new_empty(*q.shape[:-1], q.shape[-2])                              # S h L L
         out = native_attention(q, k, v, probs)
-        ctx.save_for_backward(q, k, v, out, probs)
+        ctx.save_for_backward(*qkv, out, probs)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out, probs = ctx.saved_tensors
+        *qkv, out, probs = ctx.saved_tensors
+        q, k, v = qkv[0].unbind(0) if len(qkv) == 1 else qkv
         S, h, L, Dh = q.shape
         g = g if g.stride(-1) == 1 else g.contiguous()
-        grads = q.new_empty(3, S, L, h, Dh).transpose(2, 3)                           # 3 S h L Dh
-        dq, dk, dv = grads.unbind(0)
+        grads = torch.empty_like(qkv[0]) if len(qkv) == 1 else q.new_empty(3, S, L, h, Dh).transpose(2, 3)
+        dq, dk, dv = grads.unbind(0)  # (empty_like keeps a dense qkv's strides, and lays one with gaps out anew)
         native_call(native_function("attention", q.dtype, "_backward"),
                     *(t.data_ptr() for t in (q, k, v, out, probs, g, dq, dk, dv)), S, h, L, Dh,
                     *(t.stride(i) for t in (q, out, g, dq) for i in range(3)), Dh ** -0.5)
-        return dq, dk, dv
+        return (grads,) if len(qkv) == 1 else (dq, dk, dv)
 
 
 # ------------------------------------------------------------------------------------------------- linear

@@ -335,6 +335,33 @@ def test_native_attention_keeps_nans_and_splits_work_exactly(dtype, monkeypatch)
     assert torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num())
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads", [slice(None), slice(1, 3)])  # all of qkv, or half its heads (variant 4: gaps)
+def test_packed_attention_returns_one_gradient_in_qkv_layout(dtype, heads, monkeypatch):
+    """packed_attention, the model's call: the same bytes as attention(q, k, v), output and gradients, its gradient
+    written by kernels.c straight into qkv's layout (no stack of q's, k's and v's); without kernels.c, the same
+    values through attention."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 32, 3, 4, 16).to(dtype)                                     # S L 3 h Dh
+    g = torch.randn(2, 4, 32, 16)[:, heads].to(dtype)
+    runs = []
+    for packed, native in ((True, True), (False, True), (True, False)):
+        monkeypatch.setattr(kernels, "NATIVE_ATTENTION" if dtype == torch.bfloat16 else "NATIVE_ATTENTION_F32", native)
+        leaf = qkv.clone().requires_grad_()
+        view = leaf.permute(2, 0, 3, 1, 4)[:, :, heads]                              # 3 S h L Dh
+        out = kernels.packed_attention(view) if packed else attention(*view.unbind(0))
+        nodes = graph_nodes(out)
+        out.backward(g)
+        runs.append((out.detach(), leaf.grad, nodes))
+    (out, grad, nodes), (ref, ref_grad, ref_nodes), (fallback, fallback_grad, _) = runs
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    assert nodes[0] == ref_nodes[0] == "NativeAttentionBackward" and "UnbindBackward0" in ref_nodes
+    assert "UnbindBackward0" not in nodes and "StackBackward0" not in nodes
+    tolerance = 2**-6 if dtype == torch.bfloat16 else 1e-5  # (bf16: two roundings of values up to 2)
+    assert (fallback - out).abs().max() <= tolerance and (fallback_grad - grad).abs().max() <= 4 * tolerance
+
+
 def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
     """With no C compiler (and nothing built before), bf16 attention without autograd takes the written-out
     products: the same function, no error."""
