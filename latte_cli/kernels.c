@@ -192,7 +192,9 @@ static inline __m512 load_as_f32(const void *p, long i, int n, int f32) {
 }
 
 static inline void store_from_f32(void *p, long i, int n, int f32, __m512 v) {
-    if (f32) _mm512_mask_storeu_ps((float *)p + i, lanes_mask(n), v);
+    if (f32 && n >= 16) _mm512_storeu_ps((float *)p + i, v);
+    else if (f32) _mm512_mask_storeu_ps((float *)p + i, lanes_mask(n), v);
+    else if (n >= 16) _mm256_storeu_si256((__m256i *)((bf16 *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
     else _mm256_mask_storeu_epi16((bf16 *)p + i, lanes_mask(n), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
@@ -234,19 +236,28 @@ static void scratch_free(scratch *s) {
     free(s->pairs), free(s->inter), free(s->p), free(s->ds), free(s->c), free(s->narrow);
 }
 
-/* a row of L scores s (fp32, in place) -> the exponentials 2^((s - max) scale log2(e)); returns 1 / their sum.
- * coarse: for probabilities rounded to bf16 */
-static inline __attribute__((always_inline)) float exp_row(float *sr, int L, float scale, int coarse) {
-    const float c = scale * 1.4426950408889634f;  /* e^(x scale) = 2^(x c) */
-    __m512 m = _mm512_loadu_ps(sr);
-    for (int j = 16; j < L; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
-    __m512 mc = _mm512_set1_ps(_mm512_reduce_max_ps(m) * c), cc = _mm512_set1_ps(c), sum = _mm512_setzero_ps();
-    for (int j = 0; j < L; j += 16) {
-        __m512 e = pow2(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), cc, mc), coarse);
-        sum = _mm512_add_ps(sum, e);
-        _mm512_storeu_ps(sr + j, e);
+/* R rows of L scores (fp32, in place, rows L apart) -> the exponentials 2^((s - max) scale log2(e)); inv[r] = 1 / the
+ * sum of row r's. coarse: for probabilities rounded to bf16. Pass by pass over all R rows, not row by row: a row's
+ * passes wait on each other (its maximum, its sum), the rows do not (8 rows of 256: 16% faster) */
+static inline __attribute__((always_inline)) void exp_rows(float *c, int R, int L, float scale, int coarse,
+                                                           float *inv) {
+    const float k = scale * 1.4426950408889634f;  /* e^(x scale) = 2^(x k) */
+    float top[ROWS];
+    for (int r = 0; r < R; r++) {
+        __m512 m = _mm512_loadu_ps(c + (long)r * L);
+        for (int j = 16; j < L; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(c + (long)r * L + j));
+        top[r] = _mm512_reduce_max_ps(m) * k;
     }
-    return 1.0f / _mm512_reduce_add_ps(sum);
+    for (int r = 0; r < R; r++) {
+        float *cr = c + (long)r * L;
+        __m512 mk = _mm512_set1_ps(top[r]), kk = _mm512_set1_ps(k), sum = _mm512_setzero_ps();
+        for (int j = 0; j < L; j += 16) {
+            __m512 e = pow2(_mm512_fmsub_ps(_mm512_loadu_ps(cr + j), kk, mk), coarse);
+            sum = _mm512_add_ps(sum, e);
+            _mm512_storeu_ps(cr + j, e);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
 }
 
 /* The backward's delta = rowsum(p dp) for a row of p and dp = g v^T: as g . out, a sum of Dh products, where that
@@ -274,10 +285,8 @@ static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs,
         int R = L - i0 < ROWS ? L - i0 : ROWS;
         product(1, R, L, Dh / 2, q + i0 * rs, rs, 2, kp, 2L * L, s->c, L);  /* scores */
         bf16 *p = probs ? probs + (long)i0 * L : s->p;
-        for (int r = 0; r < R; r++) {  /* probabilities, the kept ones normalised */
-            inv[r] = exp_row(s->c + (long)r * L, L, scale, 1);
-            store_rows(1, L, s->c + (long)r * L, L, probs ? inv + r : &one, 0, p + (long)r * L, L, 0);
-        }
+        exp_rows(s->c, R, L, scale, 1, inv);  /* probabilities, the kept ones normalised */
+        store_rows(R, L, s->c, L, probs ? inv : &one, probs ? 1 : 0, p, L, 0);
         product(0, R, Dh, L / 2, p, L, 2, vi, 2L * Dh, s->narrow, padded(Dh));  /* p v */
         store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os, 0);
     }
@@ -294,6 +303,12 @@ static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs
     interleave(k, rs, L, Dh, ki);
     interleave(g, gs, L, Dh, gi);
     for (int i0 = 0; i0 < L; i0 += ROWS) {  /* dp = g v^T, then ds = p (dp - delta), delta = rowsum(p dp) = g . out */
+        if (i0 + ROWS < L)  /* the next rows' probabilities (and out's), while this product runs: the ds pass had
+                               waited on them (a spatial bwd 10% faster) */
+            for (int r = i0 + ROWS; r < i0 + 2 * ROWS; r++) {
+                prefetch(probs + (long)r * L, 2L * L);
+                if (L > Dh) prefetch(out + r * os, 2L * Dh);
+            }
         product(1, ROWS, L, Dh / 2, g + i0 * gs, gs, 2, vp, 2L * L, s->c, L);
         for (int r = 0; r < ROWS; r++) {
             long i = i0 + r;
@@ -330,10 +345,8 @@ static void forward_matrix_f32(const float *q, const float *k, const float *v, l
         int R = L - i0 < ROWS ? L - i0 : ROWS;
         float *p = probs ? probs + (long)i0 * L : s->c;
         product_f32(1, R, L, Dh, q + i0 * rs, rs, 1, kt, L, p, L);  /* scores */
-        for (int r = 0; r < R; r++) {
-            inv[r] = exp_row(p + (long)r * L, L, scale, 0);
-            if (probs) store_rows(1, L, p + (long)r * L, L, inv + r, 0, p + (long)r * L, L, 1);
-        }
+        exp_rows(p, R, L, scale, 0, inv);
+        if (probs) store_rows(R, L, p, L, inv, 1, p, L, 1);
         product_f32(0, R, Dh, L, p, L, 1, v, rs, s->narrow, padded(Dh));  /* p v */
         store_rows(R, Dh, s->narrow, padded(Dh), probs ? &one : inv, probs ? 0 : 1, out + (long)i0 * os, os, 1);
     }
@@ -345,6 +358,11 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
     float *vt = (float *)s->pairs, *ds = (float *)s->ds, one = 1.f;
     to_pairs((const bf16 *)v, 2 * rs, L, Dh, (bf16 *)vt);
     for (int i0 = 0; i0 < L; i0 += ROWS) {  /* dp = g v^T, then ds = p (dp - delta), delta = rowsum(p dp) = g . out */
+        if (i0 + ROWS < L)  /* (as in bf16) */
+            for (int r = i0 + ROWS; r < i0 + 2 * ROWS; r++) {
+                prefetch(probs + (long)r * L, 4L * L);
+                if (L > Dh) prefetch(out + r * os, 4L * Dh);
+            }
         product_f32(1, ROWS, L, Dh, g + i0 * gs, gs, 1, vt, L, s->c, L);
         for (int r = 0; r < ROWS; r++) {
             long i = i0 + r;
