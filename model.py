@@ -136,8 +136,8 @@ def gated(x, gate, branch):
     backward in one pass too.)"""
     if gate is None:
         return x + branch
-    if torch.is_grad_enabled() and kernels.adaln_fits(x, gate, branch):
-        return kernels.GatedResidual.apply(x, gate, branch)
+    if kernels.adaln_fits(x, gate, branch):
+        return kernels.gated_residual(x, gate, branch)
     return torch.addcmul(x, gate, branch)
 
 

@@ -445,14 +445,14 @@ ATTENTION(attention_f32, float, forward_matrix_f32, backward_matrix_f32)
 /* The tanh-GELU in the form h sigmoid(2u), 2u = h (C + C 0.044715 h^2), C = 2 sqrt(2/pi), over n contiguous values:
  * y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). */
 int gelu(const void *h, const void *g, void *y, long n, int f32, int threads) {
-    const float C = 1.5957691216057308f, C3 = C * 0.044715f;
+    const float C = 1.5957691216057308f, C3 = C * 0.044715f, L2E = -1.4426950408889634f;  /* e^-2u = 2^(2u L2E) */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i0 = 0; i0 < n; i0 += 4096)
         for (long i = i0; i < n && i < i0 + 4096; i += 16) {
             int lanes = n - i < 16 ? n - i : 16;
             __m512 x = load_as_f32(h, i, lanes, f32), x2 = _mm512_mul_ps(x, x);
-            __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(C3), x2, _mm512_set1_ps(C)));  /* 2u */
-            __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), _mm512_mul_ps(z, _mm512_set1_ps(-1.4426950408889634f)));
+            __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(C3 * L2E), x2, _mm512_set1_ps(C * L2E)));
+            __m512 t = _mm512_min_ps(_mm512_set1_ps(126.f), z);  /* -2u log2(e) */
             __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), pow2(t, !f32));  /* 1 + e^-2u, finite (NaN stays NaN) */
             __m512 sg = _mm512_rcp14_ps(d);  /* sigmoid(2u) = 1 / (1 + e^-2u) (2^-14), in fp32 with a Newton step */
             if (f32) sg = _mm512_mul_ps(sg, _mm512_fnmadd_ps(d, sg, _mm512_set1_ps(2.f)));
@@ -547,6 +547,26 @@ int norm_modulate_backward(const void *x, long xs, long rows, int B, int D, cons
         free(ps);
     }
     return failed;
+}
+
+/* The gated residual y = x + gate branch, y contiguous (B, F, N, D), x's rows contiguous in each sample (samples xs
+ * apart), branch strided as below (temporal attention's comes in its own (B, N, F) order) */
+int gated(const void *x, long xs, const void *branch, int B, long F, long N, int D, long s0, long s1, long s2,
+          const float *gate, void *y, int f32, int threads) {
+    int es = f32 ? 4 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < B * F * N; r++) {
+        long b = r / (F * N), xr = b * xs + r % (F * N) * D, at = b * s0 + (r / N % F) * s1 + r % N * s2;
+        prefetch((const char *)x + (xr + AHEAD * D) * es, (long)D * es);
+        prefetch((const char *)branch + (at + AHEAD * s2) * es, (long)D * es);
+        for (int d = 0; d < D; d += 16) {
+            int k = D - d;
+            __m512 sum = _mm512_fmadd_ps(load_f32(gate + b * D + d, k), load_as_f32(branch, at + d, k, f32),
+                                         load_as_f32(x, xr + d, k, f32));
+            store_from_f32(y, r * D + d, k, f32, sum);
+        }
+    }
+    return 0;
 }
 
 /* The backward of the gated residual x + gate branch: dbranch = g gate, dgate = the sum of g branch over a sample's

@@ -233,6 +233,7 @@ def native_kernel():
         lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_, int_]
         lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
         lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, ptr, int_]
+        lib.gated.argtypes = [ptr, long, ptr, int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         NATIVE["lib"] = lib
     return NATIVE["lib"]
@@ -393,11 +394,11 @@ NATIVE_ADALN = NATIVE_CPU
 
 def adaln_fits(x, mod, branch=None) -> bool:
     """Whether kernels.c takes this sub-layer: x (B, F, N, D), bf16 (the residual stream under autocast) or fp32,
-    with each sample's rows contiguous, mod (B, 1, 1, D); a branch of x's dtype with contiguous rows."""
+    with each sample's rows contiguous, mod (B, 1, 1, D) of x's dtype; a branch of x's dtype with contiguous rows."""
     B, F, N, D = x.shape if x.dim() == 4 else (0,) * 4
     return (NATIVE_ADALN and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
             and cpu_dtype(x) == x.dtype and x.dim() == 4 and x.stride()[1:] == (N * D, D, 1)
-            and mod.shape == (B, 1, 1, D)
+            and mod.shape == (B, 1, 1, D) and mod.dtype == x.dtype
             and (branch is None or (branch.dtype == x.dtype and branch.shape == x.shape and branch.stride(3) == 1))
             and native_ready())
 
@@ -437,11 +438,23 @@ class NormModulate(torch.autograd.Function):
         return dx, dshift.view(B, 1, 1, D).to(ctx.dtype), dscale.view(B, 1, 1, D).to(ctx.dtype), None
 
 
+def gated_residual(x, gate, branch):
+    """x + gate branch, for x, gate and branch that adaln_fits."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, branch)):
+        return GatedResidual.apply(x, gate, branch)
+    return GatedResidual.forward(None, x, gate, branch)
+
+
 class GatedResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, branch):  # x + gate branch, for x, gate and branch that adaln_fits
-        ctx.save_for_backward(gate, branch)
-        return torch.addcmul(x, gate, branch)
+    def forward(ctx, x, gate, branch):
+        B, F, N, D = x.shape
+        gate32, y = gate.reshape(B, D).float().contiguous(), x.new_empty(x.shape)
+        native_call(NATIVE["lib"].gated, x.data_ptr(), x.stride(0), branch.data_ptr(), B, F, N, D,
+                    *branch.stride()[:3], gate32.data_ptr(), y.data_ptr(), x.dtype == torch.float32)
+        if ctx:
+            ctx.save_for_backward(gate, branch)
+        return y
 
     @staticmethod
     def backward(ctx, g):

@@ -406,11 +406,15 @@ def test_native_adaln_matches_float64(D, dtype):
     assert torch.equal(inferred.double(), got[0])
     for a, b in zip(got, ref, strict=True):
         assert (a - b).abs().max() <= tolerance * b.abs().max(), (a - b).abs().max()
-    got, leaves = grads(kernels.GatedResidual.apply, x, gate, branch, g=g2)
+    got, leaves = grads(kernels.gated_residual, x, gate, branch, g=g2)
+    with torch.no_grad():
+        assert torch.equal(kernels.gated_residual(x, gate, branch).double(), got[0])
     ref, _ = grads(torch.addcmul, *(t.double() for t in (x, gate, branch)), g=g2)
     for a, b in zip(got, ref, strict=True):
         assert (a - b).abs().max() <= tolerance * b.abs().max(), (a - b).abs().max()
     assert leaves[2].grad.stride() == branch.stride()
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16  # (torch's ops would promote: they take it)
+    assert not kernels.adaln_fits(x, shift.to(other)) and not kernels.adaln_fits(x, gate.to(other), branch)
     whole = torch.randn(B, Fr + 2, N, D).to(dtype)
 
     def gapped(fn, dt):  # the branch a slice of a leaf, with gaps between samples
