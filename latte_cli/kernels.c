@@ -384,9 +384,14 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
 
 /* a matrix's L rows (rs apart, of `bytes`) at p + at, for the next matrix while this one computes: temporal
  * attention's rows lie N tokens apart (its forward took 1.9 ms a layer in a training step, 0.8 ms on data in the
- * caches); q, k and v: a bf16 training step 1% faster at one thread, 3% at two, a forward 0.7% and 1.5% */
-static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int es) {
-    for (long r = 0; r < L; r++) prefetch((const char *)p + (at + r * rs) * es, bytes);
+ * caches); q, k and v: a bf16 training step 1% faster at one thread, 3% at two, a forward 0.7% and 1.5%. l2: into
+ * L2 only, for the same head's matrix at the next position, n_heads matrices ahead (temporal forward 8-14% and
+ * backward 3-7% faster in a training step) */
+static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int es, int l2) {
+    for (long r = 0; r < L; r++)
+        for (int i = 0; i < bytes; i += 64)
+            if (l2) _mm_prefetch((const char *)p + (at + r * rs) * es + i, _MM_HINT_T1);
+            else _mm_prefetch((const char *)p + (at + r * rs) * es + i, _MM_HINT_T0);
 }
 
 /* All n_seq x n_heads matrices, split over `threads` OpenMP threads (torch's own, where this library binds to the
@@ -405,10 +410,15 @@ static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int
             if (m + 1 < n_seq * n_heads) {                                                     \
                 long seq1 = (m + 1) / n_heads, head1 = (m + 1) % n_heads;                      \
                 long at1 = seq1 * s_seq + head1 * s_head;                                      \
-                prefetch_rows(q, at1, s_row, L, Dh * es, es);                                  \
-                prefetch_rows(k, at1, s_row, L, Dh * es, es);                                  \
-                prefetch_rows(v, at1, s_row, L, Dh * es, es);                                  \
+                prefetch_rows(q, at1, s_row, L, Dh * es, es, 0);                                  \
+                prefetch_rows(k, at1, s_row, L, Dh * es, es, 0);                                  \
+                prefetch_rows(v, at1, s_row, L, Dh * es, es, 0);                                  \
                 ahead;                                                                         \
+            }                                                                                  \
+            if (m + n_heads < n_seq * n_heads) { /* this head at the next position, into L2 */  \
+                prefetch_rows(q, at + s_seq, s_row, L, Dh * es, es, 1);                          \
+                prefetch_rows(k, at + s_seq, s_row, L, Dh * es, es, 1);                          \
+                prefetch_rows(v, at + s_seq, s_row, L, Dh * es, es, 1);                          \
             }                                                                                  \
             body;                                                                              \
         }                                                                                      \
@@ -419,8 +429,8 @@ static void prefetch_rows(const void *p, long at, long rs, int L, int bytes, int
 /* the backward also reads g's rows, and out's where row_delta takes them (g . out: without this, half the time of
  * its passes outside the products went waiting on out's rows) */
 #define OUT_AND_G_AHEAD                                                                   \
-    if (L > Dh) prefetch_rows(out, seq1 * o_seq + head1 * o_head, o_row, L, Dh * es, es); \
-    prefetch_rows(g, seq1 * g_seq + head1 * g_head, g_row, L, Dh * es, es)
+    if (L > Dh) prefetch_rows(out, seq1 * o_seq + head1 * o_head, o_row, L, Dh * es, es, 0); \
+    prefetch_rows(g, seq1 * g_seq + head1 * g_head, g_row, L, Dh * es, es, 0)
 
 /* the entry points, attention_bf16 (and _backward) and attention_f32, for elements of type T */
 #define ATTENTION(name, T, forward, backward)                                                                        \
