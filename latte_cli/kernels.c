@@ -274,6 +274,16 @@ static inline float row_delta(const void *p, const float *dp, const void *g, con
     return _mm512_reduce_add_ps(acc);
 }
 
+/* In the backward, the next ROWS rows' probabilities (and out's, where row_delta reads them) while the product for
+ * rows i0... runs: the ds pass had waited on them (a spatial backward 10% faster). (A macro for both dtypes: as an
+ * inline function it measured 10% slower.) */
+#define NEXT_ROWS_AHEAD                                                          \
+    if (i0 + ROWS < L)                                                           \
+        for (int r = i0 + ROWS; r < i0 + 2 * ROWS; r++) {                        \
+            prefetch(probs + (long)r * L, (long)L * sizeof(*probs));             \
+            if (L > Dh) prefetch(out + r * os, (long)Dh * sizeof(*out));         \
+        }
+
 /* probs: NULL (no autograd: unnormalised probabilities, divided out at the end) or L x L, normalised, kept */
 static void forward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs, bf16 *out, long os, bf16 *probs,
                            int L, int Dh, float scale, scratch *s) {
@@ -303,12 +313,7 @@ static void backward_matrix(const bf16 *q, const bf16 *k, const bf16 *v, long rs
     interleave(k, rs, L, Dh, ki);
     interleave(g, gs, L, Dh, gi);
     for (int i0 = 0; i0 < L; i0 += ROWS) {  /* dp = g v^T, then ds = p (dp - delta), delta = rowsum(p dp) = g . out */
-        if (i0 + ROWS < L)  /* the next rows' probabilities (and out's), while this product runs: the ds pass had
-                               waited on them (a spatial bwd 10% faster) */
-            for (int r = i0 + ROWS; r < i0 + 2 * ROWS; r++) {
-                prefetch(probs + (long)r * L, 2L * L);
-                if (L > Dh) prefetch(out + r * os, 2L * Dh);
-            }
+        NEXT_ROWS_AHEAD;
         product(1, ROWS, L, Dh / 2, g + i0 * gs, gs, 2, vp, 2L * L, s->c, L);
         for (int r = 0; r < ROWS; r++) {
             long i = i0 + r;
@@ -358,11 +363,7 @@ static void backward_matrix_f32(const float *q, const float *k, const float *v, 
     float *vt = (float *)s->pairs, *ds = (float *)s->ds, one = 1.f;
     to_pairs((const bf16 *)v, 2 * rs, L, Dh, (bf16 *)vt);
     for (int i0 = 0; i0 < L; i0 += ROWS) {  /* dp = g v^T, then ds = p (dp - delta), delta = rowsum(p dp) = g . out */
-        if (i0 + ROWS < L)  /* (as in bf16) */
-            for (int r = i0 + ROWS; r < i0 + 2 * ROWS; r++) {
-                prefetch(probs + (long)r * L, 4L * L);
-                if (L > Dh) prefetch(out + r * os, 4L * Dh);
-            }
+        NEXT_ROWS_AHEAD;
         product_f32(1, ROWS, L, Dh, g + i0 * gs, gs, 1, vt, L, s->c, L);
         for (int r = 0; r < ROWS; r++) {
             long i = i0 + r;
