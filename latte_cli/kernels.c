@@ -614,12 +614,12 @@ int gated_backward(const void *g, const void *branch, void *dbranch, int B, long
 
 /* A linear layer's weight gradient, c = a^T b (M x N, fp32) over the K rows of a (K x M) and b (K x N), where a is
  * the output's gradient and b the input, both as autograd holds them (rows of tokens): the products through oneDNN
- * would first copy both transposed. A tile of MR rows x 32 columns of c adds, for each k,
- * a[k][m] broadcast times 32 values of b's row k (in bf16, for each pair of k, the pair of a's broadcast times 32
- * pairs of b's, vdpbf16ps). a is read a block of KC x MC at a time from L2, in place in fp32 and laid out as pairs
- * in bf16; b as a panel of KC x 32 copied into L1. The work is blocks of c (MC rows x 32 columns), shared among the
- * threads. sum, if not NULL: a's column sums as well (the bias's gradient), each taken by the block of c at its
- * first 32 columns from the rows of a that block brings into cache. */
+ * would first copy both transposed. A tile of MR rows x 32 columns of c adds, for each k, a[k][m] broadcast times 32
+ * values of b's row k (in bf16, for each pair of k, the pair of a's broadcast times 32 pairs of b's, vdpbf16ps). a
+ * is read a block of KC x MC at a time from L2, in place in fp32 and laid out as pairs in bf16; b as a panel of KC x
+ * 32 copied into L1. The work is blocks of c (MC rows x 32 columns), shared among the threads. sum, if not NULL: a's
+ * column sums as well (the bias's gradient), each taken by the block of c at its first 32 columns from the rows of
+ * a that block brings into cache. */
 #define MR 12
 #define KC 128  /* (of fp32: 256 of bf16) */
 #define MC 480
