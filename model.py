@@ -248,7 +248,7 @@ class Attention(nn.Module):
             return self.proj(self.temporal(qkv, rope).flatten(3)).transpose(1, 2)
         # split heads: concatenating the halves before proj = proj_s(out_s) + proj_t(out_t), Fig. 2(d)
         h, Fv = self.heads // 2, F - num_images
-        qkv_s, qkv_t = qkv.split(h, dim=4)  # (the gradient: one cat of the halves' where slices fill zeros first)
+        qkv_s, qkv_t = qkv.split(h, dim=4)  # (its gradient: one cat; two slices would each fill zeros first)
         out_s = self.spatial(qkv_s)                                                  # B F N h/2 Dh
         out_t = self.temporal(qkv_t[:, :Fv] if num_images else qkv_t, rope).transpose(1, 2)  # B Fv N h/2 Dh
         if num_images:  # Latte 3.3.5: an image attends over frames to itself alone, which returns v
