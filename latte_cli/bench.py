@@ -13,7 +13,10 @@ What it measures, each figure the median of `repeats` timed runs after `warmup` 
   sampling  seconds per DDIM step without and with classifier-free guidance, and one whole video (50 DDIM steps,
             guided, then VAE decoding) split into model calls, VAE decoder calls and the rest (guidance, the
             sampler's arithmetic, VAE chunking);
-  vae       frames/s of encoding and decoding with the SD-1.4 autoencoder's architecture (random weights).
+  vae       frames/s of encoding and decoding with the SD-1.4 autoencoder's architecture (random weights);
+  profile   with a folder for it: one more step of each model row under torch.profiler, each op's own time (kernels.c's
+            functions among them, as "kernels.c <name>"), the top ones printed, all in the JSON, and a Chrome trace
+            in the folder (chrome://tracing, Perfetto).
 bf16 is autocast over fp32 weights, as train.py and sample.py run it. Everything also goes to a JSON file.
 """
 
@@ -47,9 +50,10 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
           device: str = "auto", out: str | Path = "bench.json", sampling: bool = True, vae: bool = True,
           grad_checkpoint: bool = False, compile: bool = False, quick: bool = False,
           depth: int | None = None, hidden_size: int | None = None, num_heads: int | None = None,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, profile: str | Path | None = None) -> dict:
     """Measure, print the tables, write `out` (JSON) and return what it holds. quick: a smoke run (a small
-    matmul, at most 2 repeats and 1 warm-up, a 2-step video, a tiny VAE). threads: torch's CPU threads."""
+    matmul, at most 2 repeats and 1 warm-up, a 2-step video, a tiny VAE). threads: torch's CPU threads. profile: a
+    folder for each model row's Chrome trace (made if missing)."""
     dev = resolve_device(device)
     for p in precisions:
         if p not in PRECISIONS or (p == "fp16" and dev.type != "cuda"):
@@ -61,6 +65,14 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     out = Path(out)
     if not out.parent.is_dir() or out.is_dir() or not os.access(out.parent, os.W_OK):
         raise LatteError(f"--out {out}: not a file name in a writable folder")
+    if profile is not None:
+        profile = Path(profile)
+        try:
+            profile.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LatteError(f"--profile {profile}: cannot make the folder ({e.strerror or e})") from None
+        if not os.access(profile, os.W_OK):
+            raise LatteError(f"--profile {profile}: the folder is not writable")
     if threads:  # for the whole process, as torch's setting is
         torch.set_num_threads(threads)
     if dev.type == "cuda":  # as train.py: TF32 matmuls count as fp32 there, in the peak too
@@ -80,7 +92,8 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
         "machine": machine(dev),
         "settings": dict(model=model, frames=frames, size=size, channels=channels, batch=batch,
                          variants=list(variants), precisions=list(precisions), repeats=repeats, warmup=warmup,
-                         grad_checkpoint=grad_checkpoint, compile=compile, quick=quick, overrides=overrides),
+                         grad_checkpoint=grad_checkpoint, compile=compile, quick=quick, overrides=overrides,
+                         profile=None if profile is None else str(profile)),
         "peak": {}, "model": [], "sampling": {}, "vae": {},
     }
     sizes = (256, 512) if quick else (4096, 8192) if dev.type == "cuda" else (1024, 2048, 4096)
@@ -99,6 +112,9 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
                 console.print(f"variant {variant}, {p}, {row['pass']}")
                 net.gradient_checkpointing = checkpointed
                 row.update(model_row(call, net, x, t, p, dev, train, result["peak"][p], repeats, warmup, clock))
+                if profile is not None:
+                    trace = profile / f"v{variant}-{p}-{'train' if train else 'forward'}{'-ckpt' * checkpointed}.json"
+                    row["profile"] = profile_step(call, net, x, t, p, dev, train, clock, trace)
                 result["model"].append(row)
         del net, call
 
@@ -192,16 +208,6 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
     seconds, FLOP/s, peak memory, and the utilisation: FLOP/s over the matmul peak timed beside each run (the
     fastest kernel and size again, right after every step), as a shared machine's speed drifts by 10% and more between
     minutes: the model and its limit are measured in the same moments."""
-    def forward():
-        with torch.no_grad(), autocast(device.type, precision):
-            call(x, t)
-
-    def forward_backward():
-        with autocast(device.type, precision):
-            out = call(x, t)
-        out.float().square().mean().backward()
-        net.zero_grad(set_to_none=True)
-
     dtype = getattr(torch, PRECISIONS[precision])
     matmul = matmuls(dtype, device)[peak["kernel"]]
     calls = max(1, round(0.1 / peak["seconds"]))  # about 0.1 s of matmuls after each step
@@ -210,8 +216,7 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
         for _ in range(calls):
             matmul(a, b)
 
-    net.train(train)
-    step = forward_backward if train else forward
+    step = model_step(call, net, x, t, precision, device, train)
     with kernels.frozen_weights():  # forward as sample.py runs it (training takes no notice)
         reset_peak_memory(device)
         step()  # the first warm-up run, alone: the peak memory is the step's, without the reference's matrices
@@ -224,6 +229,52 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
     return {"depth": net.config.depth, "params": sum(p.numel() for p in net.parameters()), "flops": flops,
             "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds, "peak_flop_per_s": peak_rate,
             "utilisation": flops / seconds / peak_rate, "peak_memory": memory}
+
+
+def model_step(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool) -> Callable:
+    """One forward without autograd, or (train) a forward and backward of a scalar loss as a training step runs it."""
+    def forward():
+        with torch.no_grad(), autocast(device.type, precision):
+            call(x, t)
+
+    def forward_backward():
+        with autocast(device.type, precision):
+            out = call(x, t)
+        out.float().square().mean().backward()
+        net.zero_grad(set_to_none=True)
+
+    net.train(train)
+    return forward_backward if train else forward
+
+
+def profile_step(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool, clock: Clock,
+                 trace: Path) -> dict:
+    """One more step (after model_row's) under torch.profiler: its seconds, each op's own time (self time: without
+    the ops it calls; the GPU's on CUDA), the ops sorted by it, and the Chrome trace written to `trace`. The ops'
+    times add up to the step's but for the Python around them and the profiler's own cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = model_step(call, net, x, t, precision, device, train)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with kernels.frozen_weights():  # as model_row timed it (its copies made there are gone: one untimed step first)
+        step()
+        with profile(activities=activities) as prof:
+            start = clock()
+            step()
+            seconds = clock() - start
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    ops = [{"name": op_name(e.key), "calls": e.count, "self_seconds": own(e) / 1e6}
+           for e in prof.key_averages() if own(e) > 0]
+    ops.sort(key=lambda op: -op["self_seconds"])
+    with replacing(trace) as tmp:
+        prof.export_chrome_trace(str(tmp))
+    return {"seconds": seconds, "self_time": "cuda" if cuda else "cpu", "trace": str(trace), "ops": ops}
+
+
+def op_name(key: str) -> str:  # "## Call CompiledFxGraph f4l4draoozzpd...(52 letters) ##": a graph of torch.compile
+    found = re.fullmatch(r"## Call CompiledFxGraph (\w{8})\w* ##", key.strip())
+    return f"torch.compile graph {found[1]}" if found else key
 
 
 def vae_rates(autoencoder: AutoencoderKL, frames: int, size: int, precision: str, device: torch.device,
@@ -346,6 +397,8 @@ def machine(device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------------ tables
 
+PROFILE_ROWS = 12  # the top ops of each profiled step printed (the JSON holds them all)
+
 def print_tables(r: dict):
     console = Console(highlight=False)
     m, s = r["machine"], r["settings"]
@@ -371,6 +424,9 @@ def print_tables(r: dict):
                       f"{v['flop_per_s'] / 1e12:.3f}", f"{v['peak_flop_per_s'] / 1e12:.3f}", f"{v['utilisation']:.0%}",
                       mem)
     console.print(table)
+    for v in r["model"]:
+        if "profile" in v:
+            print_profile(console, v, short[v["pass"]])
     if r["sampling"]:
         table = Table(title="sampling: s per DDIM step; a guided video and its time shares (first variant, batch 1)")
         for col in ("dtype", "s/step", "guided", "video steps", "video s", "model", "VAE", "other"):
@@ -390,3 +446,24 @@ def print_tables(r: dict):
             table.add_row(p, f"{v['pixels']}x{v['pixels']}", f"{v['encode_frames_per_s']:.3f}",
                           f"{v['decode_frames_per_s']:.3f}")
         console.print(table)
+
+
+def print_profile(console: Console, row: dict, name: str):
+    prof = row["profile"]
+    ops, seconds = prof["ops"], prof["seconds"]
+    where = "GPU" if prof["self_time"] == "cuda" else "CPU"
+    console.print(f"variant {row['variant']}, {row['precision']}, {name}: a profiled step of {seconds:.4f} s, "
+                  f"each op's own {where} time; trace {prof['trace']}")
+    table = Table()
+    for col in ("op", "calls", "ms", "of step"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    shown, rest = ops[:PROFILE_ROWS], ops[PROFILE_ROWS:]
+    lines = [(op["name"], str(op["calls"]), op["self_seconds"]) for op in shown]
+    if rest:
+        lines.append((f"{len(rest)} other ops", str(sum(op["calls"] for op in rest)),
+                      sum(op["self_seconds"] for op in rest)))
+    if prof["self_time"] == "cpu":  # the rest of the step's wall time: Python, autograd's bookkeeping, the profiler
+        lines.append(("outside the ops", "", seconds - sum(op["self_seconds"] for op in ops)))
+    for op, calls, sec in lines:
+        table.add_row(op, calls, f"{sec * 1e3:.1f}", f"{sec / seconds:.1%}")
+    console.print(table)

@@ -134,6 +134,8 @@ def bench(
     hidden_size: Optional[int] = typer.Option(None, help="Override the preset's width."),
     num_heads: Optional[int] = typer.Option(None, help="Override the preset's attention heads."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    profile: Optional[Path] = typer.Option(None, help="Folder: profile one more step of each model row with "
+                                           "torch.profiler, print the ops taking the time, write Chrome traces."),
 ):
     """Measure speed and memory: matmul peak, each variant's forward and forward+backward, sampling, VAE."""
     from latte_cli.bench import bench as run_bench
@@ -146,7 +148,7 @@ def bench(
               precisions=tuple(p.strip() for p in precisions.split(",")), repeats=repeats, warmup=warmup,
               device=device, out=out, sampling=sampling, vae=vae, grad_checkpoint=grad_checkpoint,
               compile=compile, quick=quick, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-              threads=threads)
+              threads=threads, profile=profile)
 
 
 # ----------------------------------------------------------------------------------------------- data

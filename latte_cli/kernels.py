@@ -240,6 +240,13 @@ def native_kernel():
 
 
 def native_call(fn, *args):  # every kernels.c function takes the thread count last and returns 0, or 2 out of memory
+    if torch.autograd.profiler._is_profiler_enabled:  # under torch.profiler, as an op of its own: "kernels.c gelu"
+        with torch.profiler.record_function(f"kernels.c {fn.__name__}"):
+            return native_run(fn, *args)
+    native_run(fn, *args)
+
+
+def native_run(fn, *args):
     if fn(*args, torch.get_num_threads()):  # (ctypes lets go of the GIL while it runs)
         raise MemoryError("kernels.c could not allocate its buffers")
 

@@ -110,11 +110,53 @@ def test_bench_options_select_what_is_measured(tmp_path, threads):
     (["--hidden-size", "65"], "divisible"), (["--threads", "-1"], "threads"), (["--depth", "-2"], "depth"),
     (["--depth", "0"], "depth"), (["--num-heads", "0"], "num_heads"), (["--size", "0"], "input_size"),
     (["--channels", "0"], "in_channels"), (["--device", "meta"], "unknown device"), (["--device", "cuda:7"], "cuda:7"),
-    (["--out", "."], "not a file name")])
+    (["--out", "."], "not a file name"), (["--profile", "/dev/null/traces"], "--profile /dev/null/traces")])
 def test_bench_bad_options_are_one_line_errors(tmp_path, args, message, threads):
     result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "x.json"), *TINY, *args])
     assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists() and not list(tmp_path.iterdir())
+
+
+def test_bench_profile_lists_the_steps_ops_and_writes_their_traces(tmp_path, threads):
+    """--profile: each model row's profiled step holds the ops the model runs, as many times as it runs them (one
+    oneDNN product per kernels.Linear forward; one backward of each, and one kernels.c weight gradient where it
+    loads), their own times within the step's, and a Chrome trace of the same ops."""
+    from latte_cli import bench
+
+    out, traces = tmp_path / "b.json", tmp_path / "traces"
+    args = ["bench", "--quick", "--variants", "1", "--no-sampling", "--no-vae", "--profile", str(traces)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("each op's own CPU time") == 4 and "outside the ops" in result.output
+    r = json.loads(out.read_text())
+    assert r["settings"]["profile"] == str(traces)
+    with torch.device("meta"):
+        net = Latte(LatteConfig(input_size=8, num_frames=4, hidden_size=64, depth=2, num_heads=4, variant=1))
+    linears = sum(isinstance(m, kernels.Linear) for m in net.modules())
+    assert linears == 8  # qkv, proj, fc1, fc2 in each of the two blocks
+    names = set()
+    for row in r["model"]:
+        prof = row["profile"]
+        train = row["pass"] == "forward+backward"
+        trace = Path(prof["trace"])
+        assert trace.parent == traces and trace.name == f"v1-{row['precision']}-{'train' if train else 'forward'}.json"
+        ops = {op["name"]: op for op in prof["ops"]}
+        own = [op["self_seconds"] for op in prof["ops"]]
+        assert len(ops) == len(own) > 10 and own == sorted(own, reverse=True) and min(own) > 0
+        assert sum(own) <= 1.05 * prof["seconds"] and prof["self_time"] == "cpu"
+        if kernels.ONEDNN_LINEAR:
+            assert ops["mkldnn::_linear_pointwise"]["calls"] == linears * (2 if train else 1)  # + input gradients
+        if train:
+            assert ops["OneDnnLinearBackward"]["calls"] == linears
+            if kernels.native_kernel() is not None:
+                assert ops["kernels.c matmul_tn"]["calls"] == linears
+            if row["precision"] == "fp32" and kernels.COMPILED_GELU:  # the GELU's two graphs, named shortly
+                assert sum(n.startswith("torch.compile graph ") for n in ops) == 2
+        assert not any(n.startswith("##") for n in ops)
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert set(ops) <= {bench.op_name(e.get("name", "")) for e in events}
+        names.add(trace.name)
+    assert sorted(p.name for p in traces.iterdir()) == sorted(names)  # no temporary files left
 
 
 def test_bench_compile_without_a_compiler_is_a_one_line_error(tmp_path, threads, monkeypatch):
