@@ -257,7 +257,7 @@ def profile_step(call: Callable, net: Latte, x, t, precision: str, device: torch
     step = model_step(call, net, x, t, precision, device, train)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    with kernels.frozen_weights():  # as model_row timed it (its copies made there are gone: one untimed step first)
+    with kernels.frozen_weights():  # as model_row timed it: an untimed step first makes the weights' frozen copies
         step()
         with profile(activities=activities) as prof:
             start = clock()
@@ -398,6 +398,7 @@ def machine(device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------------ tables
 
 PROFILE_ROWS = 12  # the top ops of each profiled step printed (the JSON holds them all)
+
 
 def print_tables(r: dict):
     console = Console(highlight=False)
