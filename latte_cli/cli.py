@@ -39,6 +39,14 @@ def friendly(fn):
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - what no check foresaw (a malformed file, memory): one line too
+            if os.environ.get("LATTE_TRACEBACK"):
+                raise
+            err.print(f"[bold red]error:[/] {escape(type(e).__name__)}: {escape(first_line(e)[:300])} "
+                      "(LATTE_TRACEBACK=1 shows where)", highlight=False, markup=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

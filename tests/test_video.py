@@ -168,3 +168,24 @@ def test_synth_rejects_impossible_requests(tmp_path):
         synth(tmp_path, videos=0, frames=4, size=32, classes=1)
     with pytest.raises(LatteError, match="shape size"):
         synth(tmp_path, videos=2, frames=4, size=32, classes=1, shape_size=0.9)
+
+
+def test_an_unforeseen_error_is_one_line_unless_asked_for_its_traceback(tmp_path, monkeypatch):
+    """What no check foresaw (here a TypeError deep in synth) still ends in one line and exit code 1, naming the
+    exception; LATTE_TRACEBACK=1 lets it through with its traceback."""
+    from typer.testing import CliRunner
+
+    import latte_cli.video
+    from latte_cli.cli import app
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for -: 'str' and 'float'\nsecond line")
+
+    monkeypatch.setattr(latte_cli.video, "synth", broken)
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "v")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "error: TypeError: unsupported operand type(s) for -: 'str' and 'float' (LATTE_TRACEBACK=1 shows where)"]
+    monkeypatch.setenv("LATTE_TRACEBACK", "1")
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "v")])
+    assert result.exit_code == 1 and isinstance(result.exception, TypeError)
