@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from encode import load_index
-from latte_cli import LatteError, autocast, check_compiler, first_line, resolve_device
+from latte_cli import LatteError, autocast, check_compiler, first_line, replacing, resolve_device
 from latte_cli.diffusion import Diffusion, given_frames
 from model import Latte, LatteConfig, read_checkpoint
 
@@ -105,6 +105,25 @@ class LatentClips:
         self.classes = self.index["classes"]
         self.channels, self.size = self.index["latent_channels"], self.index["latent_size"]
         self._open = {}
+        for e in entries:  # now, not mid-run: a re-encode stopped halfway leaves shards the index does not describe
+            self._check(e)
+
+    def _check(self, entry: dict):
+        """The shard holds the latents the index lists (frames x channels x size x size, mirrored too where
+        flipping) and its label is one of the classes."""
+        path, want = self.root / entry["file"], (entry["frames"], self.channels, self.size, self.size)
+        for key in ("latents", "latents_flip") if self.flip else ("latents",):
+            try:
+                shape = tuple(self._tensor(entry, key).get_shape())
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+                raise LatteError(f"cannot read {path} ({first_line(e)}); encode again") from None
+            if shape != want:
+                raise LatteError(f"{path} holds {key} of shape {list(shape)}, not the {list(want)} its index lists; "
+                                 "encode again")
+        label = entry.get("label")
+        if self.classes and label is not None and not (type(label) is int and 0 <= label < len(self.classes)):
+            raise LatteError(f"{path}: label {label!r} is not one of the index's {len(self.classes)} classes; "
+                             "encode again")
 
     def _tensor(self, entry: dict, key: str):
         f = self._open.get(entry["file"])
@@ -288,8 +307,11 @@ def check_counts(cfg: TrainConfig):
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             raise LatteError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.minutes < 0 or cfg.weight_decay < 0 or cfg.clip_grad < 0:
-        raise LatteError("--lr must be above 0, and --minutes, --weight-decay and --clip-grad not below 0")
+    if not (0 < cfg.lr < math.inf and all(0 <= v < math.inf for v in (cfg.minutes, cfg.weight_decay, cfg.clip_grad))):
+        raise LatteError("--lr must be above 0, and --minutes, --weight-decay and --clip-grad not below 0 (and finite)")
+    if not (0 <= cfg.ema_decay <= 1 and 0 <= cfg.class_dropout <= 1):  # (comparisons with NaN fail: caught too)
+        raise LatteError(f"--ema-decay and --class-dropout must be between 0 and 1, not {cfg.ema_decay} and "
+                         f"{cfg.class_dropout}")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -350,7 +372,8 @@ def train(cfg: TrainConfig) -> Path:
         raise LatteError(f"--train-only must be all or temporal, not {cfg.train_only!r}")
     if not 0 <= cfg.cond_frames < cfg.frames or not 0 < cfg.cond_noise <= 1000:
         raise LatteError(f"--cond-frames must be in [0, {cfg.frames}) and --cond-noise in (0, 1000]")
-    if cfg.init_from and not cfg.resume:
+    found = checkpoints(run) if cfg.resume else []
+    if cfg.init_from and not found:  # (with --resume too, while the run has no checkpoint: a restartable job's start)
         log.line(init_weights_from(model, cfg.init_from, spatial_only=cfg.train_only == "temporal"))
     if cfg.train_only == "temporal":
         log.line(f"training the temporal parts only: {freeze_all_but_temporal(model) / 1e6:.2f}M parameters")
@@ -362,11 +385,15 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- resume
     start, seconds = 0, 0.0
-    found = checkpoints(run) if cfg.resume else []
     if found:
         ckpt = found[-1]
         try:
             state = json.loads((ckpt / "state.json").read_text())
+            start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
+            if type(start) is not int or start < 0 or not isinstance(seconds, (int, float)) or seconds < 0:
+                raise ValueError(f"step {start!r} and seconds {seconds!r} in state.json")
+            if not isinstance(state.get("train", {}), dict):
+                raise ValueError("state.json's train options are not a table")
             if state["model"] != json.loads(mcfg.to_json()):
                 raise LatteError(f"{ckpt} was trained with another model configuration; use another --out")
             model.load_weights(load_file(str(ckpt / "model.safetensors"), device=device), str(ckpt))
@@ -379,7 +406,6 @@ def train(cfg: TrainConfig) -> Path:
             raise
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
             raise LatteError(f"cannot resume from {ckpt}: {type(e).__name__}: {first_line(e)[:200]}") from None
-        start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
         log.line(f"resumed from {ckpt} at step {start}")
         free = ("out", "resume", "steps", "minutes", "log_every", "ckpt_every", "keep_last", "progress", "device",
                 "init_from", "compile", "grad_checkpoint")  # (options that leave the steps' arithmetic as it was)
@@ -393,7 +419,8 @@ def train(cfg: TrainConfig) -> Path:
             raise LatteError(f"{run} already holds checkpoints; pass --resume to continue or choose another --out")
         if master:
             run.mkdir(parents=True, exist_ok=True)
-            (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
+            with replacing(run / "config.json") as tmp:
+                tmp.write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
     if master:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.line(f"model: {cfg.model}, {mcfg.describe()}, {n / 1e6:.2f}M parameters; data: {len(data.videos)} videos"

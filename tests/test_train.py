@@ -150,12 +150,64 @@ def test_bad_data_sets_fail_cleanly(latents, tmp_path):
         (["train", str(latents), "--frames", "4", "--frame-interval", "0"], "--frame-interval must be at least 1"),
         (["train", str(latents), "--frames", "4", "--warmup", "-1"], "--warmup must be at least 0"),
         (["train", str(latents), "--frames", "4", "--lr", "0"], "--lr must be above 0"),
+        (["train", str(latents), "--frames", "4", "--lr", "nan"], "--lr must be above 0"),
+        (["train", str(latents), "--frames", "4", "--minutes", "nan"], "(and finite)"),
+        (["train", str(latents), "--frames", "4", "--ema-decay", "nan"], "--ema-decay and --class-dropout must be"),
+        (["train", str(latents), "--frames", "4", "--ema-decay", "2"], "--ema-decay and --class-dropout must be"),
+        (["train", str(latents), "--frames", "4", "--class-dropout", "-1"], "--ema-decay and --class-dropout"),
         (["train", str(latents), "--frames", "4", "--out", str(latents / "index.json")], "index.json"),
     ]
     for args, message in cases:
         result = runner.invoke(app, [args[0], "--out", str(tmp_path / "run"), *args[1:], "--steps", "1"])
         assert result.exit_code == 1, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_shards_the_index_does_not_describe_stop_before_training(latents, tmp_path):
+    """A re-encode stopped halfway leaves shards of another size than index.json says, or a label edited by hand
+    out of range: the run stops at the start, naming the shard, before it writes anything."""
+    index = json.loads((latents / "index.json").read_text())
+    first = index["files"][0]
+    for case in ("size", "label"):
+        data = tmp_path / case
+        shutil.copytree(latents, data)
+        if case == "size":  # the first shard re-made at twice the size
+            shard = load_file(str(data / first["file"]))
+            save_file({k: torch.cat([v, v], -1).repeat_interleave(2, -2) if v.dim() == 4 else v
+                       for k, v in shard.items()}, str(data / first["file"]))
+            message = f"{data / first['file']} holds latents of shape [{first['frames']}, 3, 32, 32], not the"
+        else:
+            edited = json.loads((data / "index.json").read_text())
+            edited["files"][0]["label"] = 7
+            (data / "index.json").write_text(json.dumps(edited))
+            message = "label 7 is not one of the index's 2 classes"
+        out = tmp_path / f"run_{case}"
+        result = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "--frames", "4", "--depth", "2",
+                                          "--hidden-size", "32", "--num-heads", "2", "--steps", "1"])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_resume_checks_the_state_and_a_fresh_run_takes_init_from(latents, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(latents), out=str(run), steps=1, ckpt_every=1, **TINY))
+    ckpt = run / "checkpoints" / "step_00000001"
+    state = json.loads((ckpt / "state.json").read_text())
+    for bad in ({"step": "two"}, {"seconds": "x"}, {"train": [1]}):  # a state.json edited or damaged
+        (ckpt / "state.json").write_text(json.dumps({**state, **bad}))
+        with pytest.raises(LatteError, match="cannot resume from"):
+            train(TrainConfig(data=str(latents), out=str(run), steps=2, resume=True, **TINY))
+    (ckpt / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "step"}))
+    with pytest.raises(LatteError, match="cannot resume from.*KeyError"):
+        train(TrainConfig(data=str(latents), out=str(run), steps=2, resume=True, **TINY))
+    # --resume on a run with no checkpoint yet starts it, from --init-from (a restartable job's first start)
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"
+    train(TrainConfig(data=str(latents), out=str(fresh), steps=1, resume=True, init_from=str(ckpt), lr=1e-12,
+                      **TINY))
+    assert f"initialised 33 of 33 tensors from {ckpt}" in capsys.readouterr().out
+    a, b = weights(ckpt, "ema"), weights(fresh / "checkpoints" / "step_00000001")  # (a folder gives its EMA)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # one step at lr 1e-12 from the same weights
 
 
 def test_compile_without_a_compiler_is_a_one_line_error(latents, tmp_path, monkeypatch):
