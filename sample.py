@@ -9,6 +9,7 @@ time, and each video is written as an H.264 mp4, plus one PNG contact sheet of a
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def sample(cfg: SampleConfig) -> list[Path]:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise LatteError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
     steps = cfg.steps or (250 if cfg.sampler == "ddpm" else 50)
-    if not 1 <= steps <= 1000:
-        raise LatteError(f"--steps must be between 1 and 1000, not {steps}")
+    if not 2 <= steps <= 1000:
+        raise LatteError(f"--steps must be between 2 and 1000, not {steps}")
+    if not (abs(cfg.cfg_scale) < math.inf and 0 <= cfg.eta <= 1):  # (comparisons with NaN fail: caught too)
+        raise LatteError(f"--cfg-scale must be finite and --eta between 0 and 1, not {cfg.cfg_scale} and {cfg.eta}")
+    if cfg.keyframes and not cfg.hierarchical:
+        raise LatteError("--keyframes is the key-frame model of --hierarchical sampling; pass both or neither")
 
     # everything is checked before the first file is written
     model = Latte.from_pretrained(cfg.ckpt).to(device).eval()
@@ -134,6 +139,9 @@ def sample(cfg: SampleConfig) -> list[Path]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in [f"sample_{i:03d}.mp4" for i in range(cfg.num)] + ["contact_sheet.png"]:
+        if (out / name).is_dir():
+            raise LatteError(f"{out / name} is a folder, where sampling writes a file")
     console = Console(stderr=True, soft_wrap=True)
     columns = (TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     batches = [list(range(i, min(i + cfg.batch, cfg.num))) for i in range(0, cfg.num, cfg.batch)]
@@ -166,6 +174,9 @@ def sample(cfg: SampleConfig) -> list[Path]:
 
         for ids in batches:
             for i, z in zip(ids, latents(ids), strict=True):
+                if not torch.isfinite(z).all():
+                    raise LatteError(f"sample {i}'s latents hold NaN or infinite values (a diverged model?); "
+                                     "it was not written")
                 frames = vae.decode(z, chunk=cfg.vae_chunk, precision=cfg.precision).clamp(-1, 1).cpu()
                 path = out / f"sample_{i:03d}.mp4"
                 write_video(path, frames, fps=cfg.fps)

@@ -11,6 +11,7 @@ inside the width (128), which predicting the noise of every pixel needs. Shapes 
 are learnt as single shapes in a few thousand steps; at a third of the frame many samples broke into pieces.
 """
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -40,8 +41,9 @@ def demo(out: str | Path = "demo", minutes: float = 8.0, model: str = "Latte-S/4
          long_frames: int = 32, seed: int = 0) -> list[Path]:
     """Run the demo into `out`; returns the sample paths (mp4 files, then the contact sheet)."""
     out, console = Path(out), Console(soft_wrap=True, highlight=False)
-    if min(minutes, videos, num, sample_steps) <= 0 or long_frames < 0:  # checked before minutes of training
-        raise LatteError("--minutes, --videos, --num and --sample-steps must be above 0, --long-frames not below 0")
+    if not (0 < minutes < math.inf and min(videos, num) > 0 and sample_steps > 1 and long_frames >= 0):
+        raise LatteError("--minutes (finite), --videos and --num must be above 0, --sample-steps above 1, "
+                         "--long-frames not below 0")  # (checked before minutes of training)
     began = time.perf_counter()
     for part in ("videos", "latents", "run"):  # every demo starts afresh (an earlier run's data would be reused)
         shutil.rmtree(out / part, ignore_errors=True)

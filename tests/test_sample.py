@@ -87,6 +87,12 @@ def test_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, monkeypatc
         ([str(cond), "--device", "meta"], "unknown device"),
         ([str(cond), "--frames", "-2"], "--frames must be at least 1"),
         ([str(cond), "--steps", "0"], "--steps must be at least 1"),
+        ([str(cond), "--steps", "1"], "--steps must be between 2 and 1000"),
+        ([str(cond), "--cfg-scale", "nan"], "--cfg-scale must be finite"),
+        ([str(cond), "--cfg-scale", "inf"], "--cfg-scale must be finite"),
+        ([str(cond), "--sampler", "ddim", "--eta", "nan"], "--eta between 0 and 1"),
+        ([str(cond), "--sampler", "ddim", "--eta", "50"], "--eta between 0 and 1"),
+        ([str(cond), "--keyframes", str(cond)], "pass both or neither"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
@@ -100,6 +106,25 @@ def test_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, monkeypatc
     assert result.exit_code == 1 and "3-channel latents" in result.output and not (tmp_path / "out").exists()
 
 
+def test_outputs_are_checked_before_sampling_and_nan_latents_are_not_written(checkpoints, tmp_path, monkeypatch):
+    cond, _ = checkpoints
+    runner = CliRunner()
+    out = tmp_path / "taken"
+    (out / "contact_sheet.png").mkdir(parents=True)
+    result = runner.invoke(app, ["sample", str(cond), "--num", "2", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 1 and "contact_sheet.png is a folder" in result.output, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png"]  # nothing sampled, nothing written
+
+    from model import Latte  # a diverged model: every prediction NaN
+
+    forward = Latte.forward
+    monkeypatch.setattr(Latte, "forward", lambda self, *a, **kw: forward(self, *a, **kw) * float("nan"))
+    out = tmp_path / "nan"
+    result = runner.invoke(app, ["sample", str(cond), "--num", "2", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 1 and "sample 0's latents hold NaN" in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:") and not list(out.glob("*.mp4"))
+
+
 def test_demo_end_to_end_in_seconds(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--minutes", "0.02", "--videos", "8",
                                       "--depth", "2", "--hidden-size", "32", "--num", "2", "--sample-steps", "3"])
@@ -110,8 +135,9 @@ def test_demo_end_to_end_in_seconds(tmp_path):
     assert (tmp_path / "samples" / "contact_sheet.png").is_file()
     frames, _ = read_back(tmp_path / "long" / "sample_001.mp4")  # made clip by clip
     assert frames.shape == (32, 16, 16, 3)
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "again"), "--num", "0"])
-    assert result.exit_code == 1 and "--num" in result.output and not (tmp_path / "again").exists()  # before work
+    for args in (["--num", "0"], ["--sample-steps", "1"], ["--minutes", "nan"]):  # checked before any work
+        result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "again"), *args])
+        assert result.exit_code == 1 and args[0] in result.output and not (tmp_path / "again").exists()
 
 
 def shape_statistics(paths, labels, classes=4):
