@@ -82,6 +82,9 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     overrides = {k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items()
                  if v is not None}
     configs = {v: preset(model, v, frames, size, channels, **overrides) for v in variants}  # bad options fail now
+    if (sampling or vae) and channels != VAEConfig().latent_channels:
+        raise LatteError(f"the sampling and VAE timings decode with the SD-1.4 VAE's {VAEConfig().latent_channels} "
+                         f"latent channels, not {channels}; pass --no-sampling --no-vae")
     if compile:
         check_compiler(dev)
     console = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -268,7 +271,12 @@ def profile_step(call: Callable, net: Latte, x, t, precision: str, device: torch
            for e in prof.key_averages() if own(e) > 0]
     ops.sort(key=lambda op: -op["self_seconds"])
     with replacing(trace) as tmp:
-        prof.export_chrome_trace(str(tmp))
+        try:
+            prof.export_chrome_trace(str(tmp))  # (torch writes a temporary file of its own and renames it)
+        finally:
+            Path(f"{tmp}.tmp").unlink(missing_ok=True)
+        if not tmp.is_file():  # torch logs a failed write and goes on
+            raise LatteError(f"--profile: could not write {trace} (is the disk full?)")
     return {"seconds": seconds, "self_time": "cuda" if cuda else "cpu", "trace": str(trace), "ops": ops}
 
 

@@ -110,7 +110,8 @@ def test_bench_options_select_what_is_measured(tmp_path, threads):
     (["--hidden-size", "65"], "divisible"), (["--threads", "-1"], "threads"), (["--depth", "-2"], "depth"),
     (["--depth", "0"], "depth"), (["--num-heads", "0"], "num_heads"), (["--size", "0"], "input_size"),
     (["--channels", "0"], "in_channels"), (["--device", "meta"], "unknown device"), (["--device", "cuda:7"], "cuda:7"),
-    (["--out", "."], "not a file name"), (["--profile", "/dev/null/traces"], "--profile /dev/null/traces")])
+    (["--out", "."], "not a file name"), (["--profile", "/dev/null/traces"], "--profile /dev/null/traces"),
+    (["--channels", "3"], "pass --no-sampling --no-vae")])
 def test_bench_bad_options_are_one_line_errors(tmp_path, args, message, threads):
     result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(tmp_path / "x.json"), *TINY, *args])
     assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
@@ -157,6 +158,23 @@ def test_bench_profile_lists_the_steps_ops_and_writes_their_traces(tmp_path, thr
         assert set(ops) <= {bench.op_name(e.get("name", "")) for e in events}
         names.add(trace.name)
     assert sorted(p.name for p in traces.iterdir()) == sorted(names)  # no temporary files left
+
+
+def test_bench_profile_that_cannot_write_its_trace_is_a_one_line_error(tmp_path, threads, monkeypatch):
+    """torch's trace writer logs a failed write (a full disk) and goes on: the benchmark stops with one line, and
+    neither torch's temporary file nor ours stays behind."""
+    from torch.profiler import profile
+
+    def full_disk(self, path):
+        Path(f"{path}.tmp").write_text("{")  # torch's own temporary, half-written
+
+    monkeypatch.setattr(profile, "export_chrome_trace", full_disk)
+    args = ["bench", "--quick", "--variants", "1", "--precisions", "fp32", "--no-sampling", "--no-vae"]
+    result = CliRunner().invoke(app, [*args, "--profile", str(tmp_path / "p"), "--out", str(tmp_path / "b.json"),
+                                      *TINY])
+    assert result.exit_code == 1 and "could not write" in result.output and "v1-fp32-forward.json" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:")
+    assert list((tmp_path / "p").iterdir()) == [] and not (tmp_path / "b.json").exists()
 
 
 def test_bench_compile_without_a_compiler_is_a_one_line_error(tmp_path, threads, monkeypatch):
