@@ -178,6 +178,8 @@ NATIVE_ATTENTION_F32 = NATIVE_CPU
 NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512bf16")
 NATIVE = {}  # "lib": the loaded library once built, or None where building failed
+NATIVE_FUNCTIONS = ("attention_bf16", "attention_bf16_backward", "attention_f32", "attention_f32_backward", "gelu",
+                    "norm_modulate", "norm_modulate_backward", "matmul_tn", "gated", "gated_backward")
 
 
 def native_attention_fits(q, k, v) -> bool:
@@ -222,6 +224,9 @@ def native_kernel():
                     tmp.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError):
+            return None
+        if not all(hasattr(lib, name) for name in NATIVE_FUNCTIONS):  # a damaged build: made again next time
+            path.unlink(missing_ok=True)
             return None
         ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for dtype in ("bf16", "f32"):

@@ -3,6 +3,7 @@ never for speed), and the model's fast paths against the plain formulas they rep
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import math
 import os
@@ -432,6 +433,22 @@ def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
     q, k, v = (torch.randn(2, 3, 32, 8).bfloat16() for _ in range(3))
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert torch.allclose(attention(q, k, v).double(), ref, atol=3e-2)
+
+
+def test_a_damaged_kernels_build_is_set_aside(tmp_path, monkeypatch):
+    """A cached build without kernels.c's functions (another library under its name) is not used, and goes, so
+    that the next process builds it again."""
+    import _ctypes  # a shared library without kernels.c's functions
+
+    monkeypatch.setattr(kernels, "NATIVE", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = Path(kernels.__file__).with_name("kernels.c")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(kernels.NATIVE_FLAGS).encode()).hexdigest()[:16]
+    build = tmp_path / "cache" / "latte" / f"kernels-{digest}.so"
+    build.parent.mkdir(parents=True)
+    build.write_bytes(Path(_ctypes.__file__).read_bytes())
+    assert kernels.native_kernel() is None and not build.exists()
 
 
 @needs_native
