@@ -65,14 +65,6 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     out = Path(out)
     if not out.parent.is_dir() or out.is_dir() or not os.access(out.parent, os.W_OK):
         raise LatteError(f"--out {out}: not a file name in a writable folder")
-    if profile is not None:
-        profile = Path(profile)
-        try:
-            profile.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LatteError(f"--profile {profile}: cannot make the folder ({e.strerror or e})") from None
-        if not os.access(profile, os.W_OK):
-            raise LatteError(f"--profile {profile}: the folder is not writable")
     if threads:  # for the whole process, as torch's setting is
         torch.set_num_threads(threads)
     if dev.type == "cuda":  # as train.py: TF32 matmuls count as fp32 there, in the peak too
@@ -82,11 +74,19 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     overrides = {k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads).items()
                  if v is not None}
     configs = {v: preset(model, v, frames, size, channels, **overrides) for v in variants}  # bad options fail now
-    if (sampling or vae) and channels != VAEConfig().latent_channels:
-        raise LatteError(f"the sampling and VAE timings decode with the SD-1.4 VAE's {VAEConfig().latent_channels} "
-                         f"latent channels, not {channels}; pass --no-sampling --no-vae")
+    if sampling and channels != VAEConfig().latent_channels:  # (the VAE timings encode frames: any channels)
+        raise LatteError(f"the sampling timings decode with the SD-1.4 VAE's {VAEConfig().latent_channels} latent "
+                         f"channels, not {channels}; pass --no-sampling")
     if compile:
         check_compiler(dev)
+    if profile is not None:  # the last check, as it makes the folder
+        profile = Path(profile)
+        try:
+            profile.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LatteError(f"--profile {profile}: cannot make the folder ({e.strerror or e})") from None
+        if not os.access(profile, os.W_OK):
+            raise LatteError(f"--profile {profile}: the folder is not writable")
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     clock = Clock(dev)
     run = lambda fn: measure(fn, repeats, warmup, clock)
@@ -116,7 +116,8 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
                 net.gradient_checkpointing = checkpointed
                 row.update(model_row(call, net, x, t, p, dev, train, result["peak"][p], repeats, warmup, clock))
                 if profile is not None:
-                    trace = profile / f"v{variant}-{p}-{'train' if train else 'forward'}{'-ckpt' * checkpointed}.json"
+                    name = ("train-ckpt" if checkpointed else "train") if train else "forward"
+                    trace = profile / f"v{variant}-{p}-{name}.json"
                     row["profile"] = profile_step(call, net, x, t, p, dev, train, clock, trace)
                 result["model"].append(row)
         del net, call
@@ -259,7 +260,7 @@ def profile_step(call: Callable, net: Latte, x, t, precision: str, device: torch
 
     step = model_step(call, net, x, t, precision, device, train)
     cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with kernels.frozen_weights():  # as model_row timed it: an untimed step first makes the weights' frozen copies
         step()
         with profile(activities=activities) as prof:

@@ -207,8 +207,9 @@ def native_kernel():
         digest = hashlib.sha256(source.read_bytes() + " ".join(NATIVE_FLAGS).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latte"
         path = cache / f"kernels-{digest}.so"
+        built = path.exists()
         try:
-            if not path.exists():
+            if not built:
                 if compiler is None:
                     return None
                 cache.mkdir(parents=True, exist_ok=True)
@@ -224,6 +225,8 @@ def native_kernel():
                     tmp.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError):
+            if built:  # a damaged build from before: made again next time
+                path.unlink(missing_ok=True)
             return None
         if not all(hasattr(lib, name) for name in NATIVE_FUNCTIONS):  # a damaged build: made again next time
             path.unlink(missing_ok=True)
@@ -245,10 +248,11 @@ def native_kernel():
 
 
 def native_call(fn, *args):  # every kernels.c function takes the thread count last and returns 0, or 2 out of memory
-    if torch.autograd.profiler._is_profiler_enabled:  # under torch.profiler, as an op of its own: "kernels.c gelu"
-        with torch.profiler.record_function(f"kernels.c {fn.__name__}"):
-            return native_run(fn, *args)
-    native_run(fn, *args)
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # under torch.profiler, an op of its own
+        with torch.profiler.record_function(f"kernels.c {fn.__name__}"):  # ("kernels.c gelu")
+            native_run(fn, *args)
+    else:
+        native_run(fn, *args)
 
 
 def native_run(fn, *args):
