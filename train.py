@@ -112,11 +112,13 @@ class LatentClips:
         """The shard holds the latents the index lists (frames x channels x size x size, mirrored too where
         flipping) and its label is one of the classes."""
         path, want = self.root / entry["file"], (entry["frames"], self.channels, self.size, self.size)
-        for key in ("latents", "latents_flip") if self.flip else ("latents",):
-            try:
-                shape = tuple(self._tensor(entry, key).get_shape())
-            except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-                raise LatteError(f"cannot read {path} ({first_line(e)}); encode again") from None
+        keys = ("latents", "latents_flip") if self.flip else ("latents",)
+        try:  # (opened and closed: a data set's every shard held open would use a memory map each)
+            with safe_open(str(path), "pt") as f:
+                shapes = [tuple(f.get_slice(key).get_shape()) for key in keys]
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+            raise LatteError(f"cannot read {path} ({first_line(e)}); encode again") from None
+        for key, shape in zip(keys, shapes, strict=True):
             if shape != want:
                 raise LatteError(f"{path} holds {key} of shape {list(shape)}, not the {list(want)} its index lists; "
                                  "encode again")
@@ -312,6 +314,10 @@ def check_counts(cfg: TrainConfig):
     if not (0 <= cfg.ema_decay <= 1 and 0 <= cfg.class_dropout <= 1):  # (comparisons with NaN fail: caught too)
         raise LatteError(f"--ema-decay and --class-dropout must be between 0 and 1, not {cfg.ema_decay} and "
                          f"{cfg.class_dropout}")
+    if cfg.train_only not in ("all", "temporal"):
+        raise LatteError(f"--train-only must be all or temporal, not {cfg.train_only!r}")
+    if not 0 <= cfg.cond_frames < cfg.frames or not 0 < cfg.cond_noise <= 1000:
+        raise LatteError(f"--cond-frames must be in [0, {cfg.frames}) and --cond-noise in (0, 1000]")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -368,10 +374,6 @@ def train(cfg: TrainConfig) -> Path:
         raise LatteError(f"latents of {data.size}x{data.size} do not divide into patches of {mcfg.patch_size}")
     torch.manual_seed(cfg.seed)  # the initial weights
     model = Latte(mcfg).to(device)
-    if cfg.train_only not in ("all", "temporal"):
-        raise LatteError(f"--train-only must be all or temporal, not {cfg.train_only!r}")
-    if not 0 <= cfg.cond_frames < cfg.frames or not 0 < cfg.cond_noise <= 1000:
-        raise LatteError(f"--cond-frames must be in [0, {cfg.frames}) and --cond-noise in (0, 1000]")
     found = checkpoints(run) if cfg.resume else []
     if cfg.init_from and not found:  # (with --resume too, while the run has no checkpoint: a restartable job's start)
         log.line(init_weights_from(model, cfg.init_from, spatial_only=cfg.train_only == "temporal"))
@@ -390,7 +392,7 @@ def train(cfg: TrainConfig) -> Path:
         try:
             state = json.loads((ckpt / "state.json").read_text())
             start, seconds = state["step"], state.get("seconds", 0.0)  # training time so far: --minutes, lr decay
-            if type(start) is not int or start < 0 or not isinstance(seconds, (int, float)) or seconds < 0:
+            if not (type(start) is int and start >= 0 and type(seconds) in (int, float) and 0 <= seconds < math.inf):
                 raise ValueError(f"step {start!r} and seconds {seconds!r} in state.json")
             if not isinstance(state.get("train", {}), dict):
                 raise ValueError("state.json's train options are not a table")

@@ -42,7 +42,7 @@ def friendly(fn):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - what no check foresaw (a malformed file, memory): one line too
-            if os.environ.get("LATTE_TRACEBACK"):
+            if os.environ.get("LATTE_TRACEBACK", "0") not in ("", "0"):
                 raise
             err.print(f"[bold red]error:[/] {escape(type(e).__name__)}: {escape(first_line(e)[:300])} "
                       "(LATTE_TRACEBACK=1 shows where)", highlight=False, markup=True)

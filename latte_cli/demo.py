@@ -41,8 +41,8 @@ def demo(out: str | Path = "demo", minutes: float = 8.0, model: str = "Latte-S/4
          long_frames: int = 32, seed: int = 0) -> list[Path]:
     """Run the demo into `out`; returns the sample paths (mp4 files, then the contact sheet)."""
     out, console = Path(out), Console(soft_wrap=True, highlight=False)
-    if not (0 < minutes < math.inf and min(videos, num) > 0 and sample_steps > 1 and long_frames >= 0):
-        raise LatteError("--minutes (finite), --videos and --num must be above 0, --sample-steps above 1, "
+    if not (0 < minutes < math.inf and min(videos, num) > 0 and 1 < sample_steps <= 1000 and long_frames >= 0):
+        raise LatteError("--minutes (finite), --videos and --num must be above 0, --sample-steps between 2 and 1000, "
                          "--long-frames not below 0")  # (checked before minutes of training)
     began = time.perf_counter()
     for part in ("videos", "latents", "run"):  # every demo starts afresh (an earlier run's data would be reused)

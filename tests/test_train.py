@@ -204,7 +204,7 @@ def test_resume_checks_the_state_and_a_fresh_run_takes_init_from(latents, tmp_pa
     capsys.readouterr()
     fresh = tmp_path / "fresh"
     train(TrainConfig(data=str(latents), out=str(fresh), steps=1, resume=True, init_from=str(ckpt), lr=1e-12,
-                      **TINY))
+                      seed=1, **TINY))  # (another seed: other initial weights, were --init-from ignored)
     assert f"initialised 33 of 33 tensors from {ckpt}" in capsys.readouterr().out
     a, b = weights(ckpt, "ema"), weights(fresh / "checkpoints" / "step_00000001")  # (a folder gives its EMA)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # one step at lr 1e-12 from the same weights
