@@ -178,8 +178,6 @@ NATIVE_ATTENTION_F32 = NATIVE_CPU
 NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512bf16")
 NATIVE = {}  # "lib": the loaded library once built, or None where building failed
-NATIVE_FUNCTIONS = ("attention_bf16", "attention_bf16_backward", "attention_f32", "attention_f32_backward", "gelu",
-                    "norm_modulate", "norm_modulate_backward", "matmul_tn", "gated", "gated_backward")
 
 
 def native_attention_fits(q, k, v) -> bool:
@@ -224,40 +222,32 @@ def native_kernel():
                 finally:
                     tmp.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError):
+            ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+            for dtype in ("bf16", "f32"):
+                getattr(lib, f"attention_{dtype}").argtypes = [ptr] * 5 + [long] * 2 + [int_] * 2 + [long] * 6 + [
+                    ctypes.c_float, int_]
+                getattr(lib, f"attention_{dtype}_backward").argtypes = [ptr] * 9 + [long] * 2 + [int_] * 2 + [
+                    long] * 12 + [ctypes.c_float, int_]
+            lib.gelu.argtypes = [ptr] * 3 + [long, int_, int_]
+            lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_,
+                                          int_]
+            lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
+            lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, ptr, int_]
+            lib.gated.argtypes = [ptr, long, ptr, int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
+            lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
+        except (OSError, subprocess.SubprocessError, AttributeError):  # AttributeError: a build without a function
             if built:  # a damaged build from before: made again next time
                 path.unlink(missing_ok=True)
             return None
-        if not all(hasattr(lib, name) for name in NATIVE_FUNCTIONS):  # a damaged build: made again next time
-            path.unlink(missing_ok=True)
-            return None
-        ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        for dtype in ("bf16", "f32"):
-            getattr(lib, f"attention_{dtype}").argtypes = [ptr] * 5 + [long] * 2 + [int_] * 2 + [long] * 6 + [
-                ctypes.c_float, int_]
-            getattr(lib, f"attention_{dtype}_backward").argtypes = [ptr] * 9 + [long] * 2 + [int_] * 2 + [
-                long] * 12 + [ctypes.c_float, int_]
-        lib.gelu.argtypes = [ptr] * 3 + [long, int_, int_]
-        lib.norm_modulate.argtypes = [ptr, long, long, int_, int_, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, int_, int_]
-        lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
-        lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, ptr, int_]
-        lib.gated.argtypes = [ptr, long, ptr, int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
-        lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         NATIVE["lib"] = lib
     return NATIVE["lib"]
 
 
 def native_call(fn, *args):  # every kernels.c function takes the thread count last and returns 0, or 2 out of memory
-    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # under torch.profiler, an op of its own
-        with torch.profiler.record_function(f"kernels.c {fn.__name__}"):  # ("kernels.c gelu")
-            native_run(fn, *args)
-    else:
-        native_run(fn, *args)
-
-
-def native_run(fn, *args):
-    if fn(*args, torch.get_num_threads()):  # (ctypes lets go of the GIL while it runs)
-        raise MemoryError("kernels.c could not allocate its buffers")
+    profiled = getattr(torch.autograd.profiler, "_is_profiler_enabled", False)  # then each an op: "kernels.c gelu"
+    with torch.profiler.record_function(f"kernels.c {fn.__name__}") if profiled else contextlib.nullcontext():
+        if fn(*args, torch.get_num_threads()):  # (ctypes lets go of the GIL while it runs)
+            raise MemoryError("kernels.c could not allocate its buffers")
 
 
 def native_function(name: str, dtype, suffix: str = ""):  # kernels.c's function for dtype, as attention_bf16
