@@ -60,10 +60,11 @@ static inline __mmask16 lanes_mask(int n) { return (__mmask16)((1u << (n < 16 ? 
  * last register reads `lanes` pairs. Strides in bf16 elements. In fp32 (f32 = 1), a value for a pair: the same sums
  * with fmadd, a and b fp32 and strides in their elements (no layout in pairs: b's rows are any fp32 rows). */
 static inline __attribute__((always_inline)) void tile(int R, int NZ, int lanes, int K2, const void *a, long ar,
-                                                       long ak, const void *b, long bk, float *c, long cr, int f32) {
+                                                       long ak, const void *b, long bk, float *c, long cr, int f32,
+                                                       int add) {  /* add: to c's values */
     __m512 acc[ROWS][4];
     for (int r = 0; r < R; r++)
-        for (int z = 0; z < NZ; z++) acc[r][z] = _mm512_setzero_ps();
+        for (int z = 0; z < NZ; z++) acc[r][z] = add ? _mm512_loadu_ps(c + r * cr + 16 * z) : _mm512_setzero_ps();
     for (int kp = 0; kp < K2; kp++) {
         __m512i bz[4];
         for (int z = 0; z < NZ; z++) {
@@ -85,11 +86,11 @@ static inline __attribute__((always_inline)) void tile(int R, int NZ, int lanes,
         for (int z = 0; z < NZ; z++) _mm512_storeu_ps(c + r * cr + 16 * z, acc[r][z]);
 }
 
-/* C (M x N, fp32, row stride cr, rows padded to a multiple of 16) = A B over K2 pairs (fp32: values), B's rows bk
- * apart: wide (N = L) in tiles of ROWS x 32, else (N = Dh) NARROW_ROWS x 64; the full tiles with constant sizes. */
-static inline __attribute__((always_inline)) void product_as(int f32, int wide, int M, int N, int K2, const void *a,
-                                                             long ar, long ak, const void *b, long bk, float *c,
-                                                             long cr) {
+/* C (M x N, fp32, row stride cr, rows padded to a multiple of 16) (+)= A B over K2 pairs (fp32: values), B's rows
+ * bk apart: wide (N = L) in tiles of ROWS x 32, else (N = Dh) NARROW_ROWS x 64; the full tiles with constant sizes */
+static inline __attribute__((always_inline)) void tiles(int f32, int wide, int add, int M, int N, int K2,
+                                                        const void *a, long ar, long ak, const void *b, long bk,
+                                                        float *c, long cr) {
     int R = wide ? ROWS : NARROW_ROWS, NZ = wide ? 2 : 4;
     for (int i = 0; i < M; i += R)
         for (int j = 0; j < N; j += 16 * NZ) {
@@ -98,14 +99,31 @@ static inline __attribute__((always_inline)) void product_as(int f32, int wide, 
             const void *ai = (const char *)a + i * ar * (f32 ? 4 : 2), *bj = (const char *)b + j * 4;
             float *cij = c + i * cr + j;
             if (rows < R)  /* (never with M a multiple of 16, as L is) */
-                tile(rows, nz, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
-            else if (wide && nz == 2) tile(ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
-            else if (wide) tile(ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
-            else if (nz == 4) tile(NARROW_ROWS, 4, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
-            else if (nz == 3) tile(NARROW_ROWS, 3, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
-            else if (nz == 2) tile(NARROW_ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
-            else tile(NARROW_ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32);
+                tile(rows, nz, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
+            else if (wide && nz == 2) tile(ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
+            else if (wide) tile(ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
+            else if (nz == 4) tile(NARROW_ROWS, 4, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
+            else if (nz == 3) tile(NARROW_ROWS, 3, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
+            else if (nz == 2) tile(NARROW_ROWS, 2, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
+            else tile(NARROW_ROWS, 1, lanes, K2, ai, ar, ak, bj, bk, cij, cr, f32, add);
         }
+}
+
+/* C = A B as above. In fp32 over all L rows of A (the backward's products), K in blocks of K_BLOCK, so that B's
+ * block stays in L1 while every tile passes over it: a whole B of 256 x 64 fp32 did not fit, and tiles whose A runs
+ * down columns (p^T, ds^T) lost their lines of A to it too. Latte-S/2's fp32 spatial backward (96 matrices of 256 x
+ * 64, two threads) 9.7 against 10.6 ms; in a training step of variant 3, 106 against 116 ms of its 18 attention
+ * backwards (`latte bench --profile`). A forward's products, over ROWS rows of A, reuse no block; in bf16 B's pairs
+ * fit in L1 whole. */
+#define K_BLOCK 64
+static inline __attribute__((always_inline)) void product_as(int f32, int wide, int M, int N, int K2, const void *a,
+                                                             long ar, long ak, const void *b, long bk, float *c,
+                                                             long cr) {
+    int kb = f32 && M > ROWS ? K_BLOCK : K2, es = f32 ? 4 : 2;
+    tiles(f32, wide, 0, M, N, K2 < kb ? K2 : kb, a, ar, ak, b, bk, c, cr);
+    for (int k0 = kb; k0 < K2; k0 += kb)
+        tiles(f32, wide, 1, M, N, K2 - k0 < kb ? K2 - k0 : kb, (const char *)a + k0 * ak * es, ar, ak,
+              (const char *)b + k0 * bk * es, bk, c, cr);
 }
 
 static void product(int wide, int M, int N, int K2, const bf16 *a, long ar, long ak, const bf16 *b, long bk,
