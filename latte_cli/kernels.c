@@ -473,7 +473,8 @@ ATTENTION(attention_bf16, bf16, forward_matrix, backward_matrix)
 ATTENTION(attention_f32, float, forward_matrix_f32, backward_matrix_f32)
 
 /* The tanh-GELU in the form h sigmoid(2u), 2u = h (C + C 0.044715 h^2), C = 2 sqrt(2/pi), over n contiguous values:
- * y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). */
+ * y = GELU(h), or with g, y = g GELU'(h) = g (s + h s (1 - s) (C + 3 C 0.044715 h^2)). fp32 results go past the
+ * caches (streaming stores), where y is aligned. */
 int gelu(const void *h, const void *g, void *y, long n, int f32, int threads) {
     const float C = 1.5957691216057308f, C3 = C * 0.044715f, L2E = -1.4426950408889634f;  /* e^-2u = 2^(2u L2E) */
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -494,8 +495,10 @@ int gelu(const void *h, const void *g, void *y, long n, int f32, int threads) {
             } else {
                 out = _mm512_mul_ps(x, sg);
             }
-            store_from_f32(y, i, lanes, f32, out);
+            if (f32 && lanes == 16 && !((uintptr_t)y & 63)) _mm512_stream_ps((float *)y + i, out);
+            else store_from_f32(y, i, lanes, f32, out);
         }
+    _mm_sfence();
     return 0;
 }
 

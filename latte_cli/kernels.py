@@ -4,7 +4,7 @@ measured faster there. model.py calls the entry points below; each falls back to
   attention(q, k, v)     softmax(q k^T / sqrt(Dh)) v: kernels.c, torch's fused kernel, the products written out,
                          or (fp32, long rows) a matrix at a time through oneDNN
   Linear                 nn.Linear, its products through oneDNN; weight_grad, its weight gradient, kernels.c's
-  linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, kernels.c's passes (bf16 training), two
+  linear_gelu(fc1, x)    GELU(fc1 x) in its tanh form: one oneDNN call, kernels.c's passes (training), two
                          compiled passes, or ATen's GELU
   norm_modulate, GatedResidual
                          adaLN's LayerNorm + modulation in one pass, and the gated residual's backward in one
@@ -481,8 +481,8 @@ class GatedResidual(torch.autograd.Function):
 def linear_gelu(fc1: torch.nn.Linear, x):
     """Fn.gelu(fc1(x), approximate="tanh"). ATen's tanh-GELU takes longer than the fc1 matmul on the CPU (~6x in
     bf16), so: without autograd, oneDNN applies the same GELU in the matmul's epilogue (with autograd, computing
-    fc1 twice, fused and plainly for the backward, cost as much as it saved); in training, two compiled passes
-    (training_gelu)."""
+    fc1 twice, fused and plainly for the backward, cost as much as it saved); in training, kernels.c's passes or
+    two compiled ones (training_gelu)."""
     dtype = cpu_dtype(x)
     if FUSED_GELU and not torch.is_grad_enabled() and onednn(dtype):
         w, b = inference_weights(fc1, dtype)  # (torch.compile makes its own fused kernel)
@@ -528,15 +528,17 @@ class CompiledGelu(torch.autograd.Function):
 COMPILED_GELU = None  # (forward, backward) once compiled; False where compiling failed
 
 
-# In bf16 on a CPU with AVX-512 BF16, kernels.c's GELU passes, whose exponential is a polynomial (the compiled ones
-# call a libm-accurate one): 1.4 and 1.8 ms against 2.9 and 3.4 ms on a 4096x1536 tensor out of the caches; a
-# training step 3% faster (A/B). In fp32 the compiled passes stay: kernels.c's made a training step 2.5% slower.
+# On a CPU with AVX-512 BF16, kernels.c's GELU passes, whose exponential is a polynomial (the compiled ones call a
+# libm-accurate one). bf16: 1.4 and 1.8 ms against 2.9 and 3.4 ms on a 4096x1536 tensor out of the caches, a training
+# step 3% faster (A/B). fp32, its results written past the caches (streaming stores: fc2, or fc1's backward, reads
+# the 25 MB from memory anyway): 0.98 and 1.28 ms against 1.4 and 1.9 ms compiled (1.15 and 1.65 with plain stores)
+# at two threads; a training step 1.5-2.1% faster at two threads, 1.6% at one (A/B). (Streaming bf16's 12.5 MB,
+# which fc2 then finds in L3, made a step 0.5-0.8% slower.)
 NATIVE_GELU = NATIVE_CPU
 
 
 def native_gelu(h, g=None):
-    """GELU(h), or with g the gradient g GELU'(h), for contiguous h (kernels.c takes fp32 too; training_gelu
-    passes bf16 only, above)."""
+    """GELU(h), or with g the gradient g GELU'(h), for contiguous fp32 or bf16 h."""
     y = torch.empty_like(h)
     g = None if g is None else g.to(h.dtype).contiguous()
     native_call(NATIVE["lib"].gelu, h.data_ptr(), None if g is None else g.data_ptr(), y.data_ptr(), h.numel(),
@@ -559,7 +561,8 @@ def training_gelu(h):
     global COMPILED_GELU
     if torch.compiler.is_compiling():  # inside a compiled model the compiler fuses ATen's GELU itself
         return Fn.gelu(h, approximate="tanh")
-    if NATIVE_GELU and h.device.type == "cpu" and h.dtype == torch.bfloat16 and h.is_contiguous() and native_ready():
+    if NATIVE_GELU and h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) and h.is_contiguous() \
+            and native_ready():
         return NativeGelu.apply(h)
     if COMPILED_GELU is None:
         try:  # compile both now, on this shape, so that a missing compiler shows here and not mid-backward
