@@ -247,6 +247,8 @@ class Attention(nn.Module):
         if self.axis == "temporal":  # proj runs in the (B, N, F) order the kernel writes; the caller's add undoes it
             return self.proj(self.temporal(qkv, rope).flatten(3)).transpose(1, 2)
         # split heads: concatenating the halves before proj = proj_s(out_s) + proj_t(out_t), Fig. 2(d)
+        if rope is None and not num_images and kernels.split_head_attention_fits(qkv):  # halves in place, no cats
+            return self.proj(kernels.split_head_attention(qkv).flatten(3))
         h, Fv = self.heads // 2, F - num_images
         qkv_s, qkv_t = qkv.split(h, dim=4)  # (its gradient: one cat; two slices would each fill zeros first)
         out_s = self.spatial(qkv_s)                                                  # B F N h/2 Dh

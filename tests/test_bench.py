@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from latte_cli import kernels
 from latte_cli.cli import app
 from latte_cli.kernels import attention
-from model import Latte, LatteConfig, Mlp
+from model import Attention, Latte, LatteConfig, Mlp, rope_tables
 
 TINY = ["--depth", "2", "--hidden-size", "64", "--num-heads", "4", "--frames", "4", "--size", "8", "--threads", "1"]
 
@@ -428,6 +428,35 @@ def test_packed_attention_returns_one_gradient_in_qkv_layout(dtype, heads, monke
     assert "UnbindBackward0" not in nodes and "StackBackward0" not in nodes
     tolerance = 2**-6 if dtype == torch.bfloat16 else 1e-5  # (bf16: two roundings of values up to 2)
     assert (fallback - out).abs().max() <= tolerance and (fallback_grad - grad).abs().max() <= 4 * tolerance
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_head_attention_writes_both_halves_in_place(dtype, monkeypatch):
+    """Variant 4's attention by kernels.c in one piece (SplitHeadAttention): the same bytes as its halves apart and
+    joined by cats, output, gradients and output without autograd, at batch 1 and 2, with no cat either way; images
+    appended or RoPE over the frames take the halves apart."""
+    torch.manual_seed(0)
+    att = Attention(64, 4, "split").to(dtype)
+    fits = kernels.split_head_attention_fits
+    for B in (1, 2):
+        x = torch.randn(B, 16, 32, 64, dtype=dtype, requires_grad=True)
+        g = torch.randn(B, 16, 32, 64, dtype=dtype)
+        runs = {}
+        for whole in (True, False):
+            monkeypatch.setattr(kernels, "split_head_attention_fits", fits if whole else lambda qkv: False)
+            with torch.profiler.profile() as prof:
+                out = att(x)
+                grads = torch.autograd.grad(out, [x, *att.parameters()], g)
+            names = [e.name for e in prof.events()]
+            assert ("SplitHeadAttentionBackward" in names) == whole and ("aten::cat" in names) != whole
+            with torch.no_grad():
+                runs[whole] = [out, *grads, att(x)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs.values(), strict=True))
+    qkv = att.qkv(x).unflatten(-1, (3, 4, 16))
+    assert fits(qkv) and not fits(qkv[:, :, :24].contiguous()) and not fits(qkv[:, :4].contiguous())  # rows % 16
+    for out in (att(x, num_images=2), att(x, rope=rope_tables(16, 16, "cpu"))):
+        assert "SplitHeadAttentionBackward" not in graph_nodes(out)
 
 
 def test_native_attention_falls_back_without_a_compiler(tmp_path, monkeypatch):
