@@ -478,7 +478,7 @@ ATTENTION(attention_f32, float, forward_matrix_f32, backward_matrix_f32)
 int gelu(const void *h, const void *g, void *y, long n, int f32, int threads) {
     const float C = 1.5957691216057308f, C3 = C * 0.044715f, L2E = -1.4426950408889634f;  /* e^-2u = 2^(2u L2E) */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i0 = 0; i0 < n; i0 += 4096)
+    for (long i0 = 0; i0 < n; i0 += 4096) {
         for (long i = i0; i < n && i < i0 + 4096; i += 16) {
             int lanes = n - i < 16 ? n - i : 16;
             __m512 x = load_as_f32(h, i, lanes, f32), x2 = _mm512_mul_ps(x, x);
@@ -498,7 +498,8 @@ int gelu(const void *h, const void *g, void *y, long n, int f32, int threads) {
             if (f32 && lanes == 16 && !((uintptr_t)y & 63)) _mm512_stream_ps((float *)y + i, out);
             else store_from_f32(y, i, lanes, f32, out);
         }
-    _mm_sfence();
+        _mm_sfence();  /* this thread's streaming stores visible before the loop's closing barrier */
+    }
     return 0;
 }
 

@@ -589,9 +589,9 @@ COMPILED_GELU = None  # (forward, backward) once compiled; False where compiling
 # On a CPU with AVX-512 BF16, kernels.c's GELU passes, whose exponential is a polynomial (the compiled ones call a
 # libm-accurate one). bf16: 1.4 and 1.8 ms against 2.9 and 3.4 ms on a 4096x1536 tensor out of the caches, a training
 # step 3% faster (A/B). fp32, its results written past the caches (streaming stores: fc2, or fc1's backward, reads
-# the 25 MB from memory anyway): 0.98 and 1.28 ms against 1.4 and 1.9 ms compiled (1.15 and 1.65 with plain stores)
-# at two threads; a training step 1.5-2.1% faster at two threads, 1.6% at one (A/B). (Streaming bf16's 12.5 MB,
-# which fc2 then finds in L3, made a step 0.5-0.8% slower.)
+# the 25 MB from memory anyway): 0.64-0.98 and 0.84-1.28 ms against 1.4 and 1.8-1.9 ms compiled (0.75-1.15 and
+# 1.03-1.68 with plain stores) at two threads; a training step 0.8-2.3% faster at two threads, 1.6% at one (A/B).
+# (Streaming bf16's 12.5 MB, which fc2 then finds in L3, made a step 0.5-0.8% slower.)
 NATIVE_GELU = NATIVE_CPU
 
 
