@@ -293,8 +293,9 @@ class NativeAttention(torch.autograd.Function):
         g = g if g.stride(-1) == 1 else g.contiguous()
         # (empty_like keeps a dense qkv's strides, and lays one with gaps out anew)
         grads = torch.empty_like(qkv[0]) if len(qkv) == 1 else q.new_empty(3, S, L, h, Dh).transpose(2, 3)
-        native_attention_backward(q, k, v, out, probs, g, *grads.unbind(0))
-        return (grads,) if len(qkv) == 1 else tuple(grads.unbind(0))
+        dq, dk, dv = grads.unbind(0)
+        native_attention_backward(q, k, v, out, probs, g, dq, dk, dv)
+        return (grads,) if len(qkv) == 1 else (dq, dk, dv)
 
 
 def split_heads(t) -> list:
@@ -344,8 +345,10 @@ def split_head_attention(qkv):
 
 
 def split_head_attention_fits(qkv) -> bool:
-    return (qkv.dim() == 6 and qkv.shape[-2] % 2 == 0 and qkv.is_contiguous() and qkv.shape[0] > 0
-            and all(native_attention_fits(*(split_heads(qkv.select(3, i))[j] for i in range(3))) for j in (0, 1)))
+    if not (qkv.dim() == 6 and qkv.shape[-2] % 2 == 0 and qkv.is_contiguous() and qkv.shape[0] > 0):
+        return False
+    q, k, v = (split_heads(qkv[:1].select(3, i)) for i in range(3))  # the first clip's two halves stand for all
+    return all(native_attention_fits(*half) for half in zip(q, k, v, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------- linear
