@@ -1,5 +1,6 @@
 """latte: the command line and the parts the stages share (diffusion maths, the VAE, video I/O)."""
 
+import errno
 import os
 import re
 from collections.abc import Iterator
@@ -52,6 +53,16 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (the one line an error shows), or its type's name."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as the one line a user reads: the path and what is wrong with it, not Python's "[Errno 17]"."""
+    if e.filename is None or not e.strerror:
+        return first_line(e)
+    reason = {errno.EEXIST: "a file of that name is in the way of the folder",
+              errno.ENOTDIR: "a part of this path is a file, not a folder",
+              errno.EISDIR: "a folder, where a file was expected"}.get(e.errno, e.strerror)
+    return f"{e.filename}: {reason}"
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from safetensors import SafetensorError
 
-from latte_cli import LatteError, first_line, keep_freed_memory
+from latte_cli import LatteError, first_line, keep_freed_memory, os_error_line
 
 app = typer.Typer(
     name="latte",
@@ -33,8 +33,9 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (LatteError, OSError, ValueError, SafetensorError) as e:  # OSError: permissions, a full disk
+            line = os_error_line(e) if isinstance(e, OSError) else first_line(e)
             # escaped: brackets in a file name are text, not rich markup
-            err.print(f"[bold red]error:[/] {escape(first_line(e))}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, markup=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")

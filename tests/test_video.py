@@ -189,3 +189,20 @@ def test_an_unforeseen_error_is_one_line_unless_asked_for_its_traceback(tmp_path
     monkeypatch.setenv("LATTE_TRACEBACK", "1")
     result = CliRunner().invoke(app, ["synth", str(tmp_path / "v")])
     assert result.exit_code == 1 and isinstance(result.exception, TypeError)
+
+
+def test_an_output_folder_that_is_a_file_is_a_plain_one_line_error(tmp_path):
+    """An OSError names the path and what is wrong with it in words, not Python's "[Errno 17] File exists: ..."; the
+    file in the way is left as it was."""
+    from typer.testing import CliRunner
+
+    from latte_cli.cli import app
+
+    in_the_way = tmp_path / "videos"
+    in_the_way.write_text("notes")
+    for out, reason in ((in_the_way, "a file of that name is in the way of the folder"),
+                        (in_the_way / "sub", "a part of this path is a file, not a folder")):
+        result = CliRunner().invoke(app, ["synth", str(out), "--videos", "1", "--frames", "2"])
+        assert result.exit_code == 1 and "Errno" not in result.output
+        assert result.output.strip().splitlines() == [f"error: {out}: {reason}"]
+    assert in_the_way.read_text() == "notes"
