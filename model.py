@@ -596,7 +596,7 @@ def checkpoint_file(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
     """(state dict, metadata) of our safetensors checkpoints or of a torch.save file (the published Latte and
     DiT ones: the state dict itself or under "ema", "model" or "state_dict"; DDP and compile prefixes dropped)."""
-    from latte_cli import LatteError
+    from latte_cli import LatteError, load_torch_file
 
     path = checkpoint_file(path)
     if path.suffix == ".safetensors":
@@ -610,7 +610,9 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
         except Exception as e:
             raise LatteError(f"{path} is not a readable safetensors file ({e})") from None
     try:
-        sd = torch.load(path, map_location=map_location, weights_only=True)
+        sd = load_torch_file(path, map_location)
+    except LatteError as e:
+        raise LatteError(f"{path} is not a readable torch checkpoint: {e}") from None
     except Exception as e:
         raise LatteError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
                          f"{first_line(e)[:160]})") from None

@@ -55,6 +55,40 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class _Inert:
+    """Stands in for a training framework's classes pickled beside the weights (never called)."""
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_torch_file(path: Path, map_location="cpu"):
+    """torch.load(weights_only=True): a downloaded file never runs code. What training scripts pickle beside the
+    weights loads too: argparse's Namespace of plain values (DiT's training checkpoints keep their "args") and
+    PyTorch Lightning's callbacks (sd-v1-4.ckpt), these as inert stand-ins. Anything else is a LatteError saying
+    what the file holds (path-free: the caller names the file)."""
+    import argparse
+    import pickle
+
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # a zip archive, or a pickle of the old format
+        raise LatteError("not a torch.save file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda f: [])(path)
+        lightning = [name for name in unsafe if name.startswith(("pytorch_lightning.", "lightning."))]
+        others = [name for name in unsafe if name not in lightning and name != "argparse.Namespace"]
+        if others or not unsafe:
+            found = f" ({', '.join(others[:3])})" if others else ""
+            raise LatteError(f"it pickles Python objects{found} that a weights-only load refuses") from e
+        with torch.serialization.safe_globals([argparse.Namespace, *((_Inert, name) for name in lightning)]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def os_error_line(e: OSError) -> str:
     """An OSError as the one line a user reads: the path and what is wrong with it, not Python's "[Errno 17]"."""
     if e.filename is None or not e.strerror:

@@ -9,7 +9,6 @@ Shapes: T frames, C channels, H W pixel size, h w latent size (H/8, W/8 for SD-1
 """
 
 import json
-import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from latte_cli import PRECISIONS, LatteError, autocast, first_line
+from latte_cli import PRECISIONS, LatteError, autocast, first_line, load_torch_file
 
 
 @dataclass(frozen=True)
@@ -261,31 +260,11 @@ def find_weights(path: Path) -> Path:
     raise LatteError(f"VAE weights not found: {path}")
 
 
-class _Inert:
-    """Stands in for a training framework's classes pickled beside the weights (never called)."""
-
-    def __setstate__(self, state):
-        pass
-
-
-def torch_load_weights(file: Path):
-    """torch.load(weights_only=True): never unpickle code from a download. A PyTorch Lightning .ckpt (sd-v1-4.ckpt)
-    also pickles its callbacks' classes; those names, and only those, load as inert stand-ins."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda f: [])(file)
-        if not unsafe or not all(name.startswith(("pytorch_lightning.", "lightning.")) for name in unsafe):
-            raise
-        with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
-            return torch.load(file, map_location="cpu", weights_only=True)
-
-
 def read_state_dict(file: Path) -> dict[str, Tensor]:
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
-        sd = torch_load_weights(file)
+        sd = load_torch_file(file)
     except Exception as e:
         raise LatteError(f"cannot read VAE weights {file}: {first_line(e)}") from e
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd  # LDM .ckpt files wrap it with the step

@@ -245,8 +245,14 @@ def test_convert_errors_are_one_line(tmp_path):
 def test_wrong_checkpoints_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(LatteError, match="not a readable"):
+    with pytest.raises(LatteError, match="bad.pt is not a readable torch checkpoint: not a torch.save file"):
         Latte.from_pretrained(bad)
+    (tmp_path / "index.json").write_text('{"videos": []}')
+    with pytest.raises(LatteError, match="not a torch.save file"):
+        Latte.from_pretrained(tmp_path / "index.json")
+    torch.save({"ema": {"w": torch.zeros(1)}, "hook": Pickled()}, tmp_path / "code.pt")  # never unpickled
+    with pytest.raises(LatteError, match=r"pickles Python objects \(.*Pickled\) that a weights-only load refuses"):
+        Latte.from_pretrained(tmp_path / "code.pt")
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(LatteError, match="not a Latte checkpoint"):
         Latte.from_pretrained(tmp_path / "other.pt")
@@ -257,6 +263,26 @@ def test_wrong_checkpoints_are_clear_errors(tmp_path):
     sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"][:, :5]
     with pytest.raises(LatteError, match="shape"):
         model.load_weights(sd)
+
+
+class Pickled:
+    def __setstate__(self, state):
+        raise AssertionError("a checkpoint's pickled object ran")
+
+
+def test_a_training_checkpoint_with_its_args_loads(tmp_path):
+    """DiT's train.py saves {"model", "ema", "opt", "args"}, args an argparse Namespace: a weights-only load
+    accepts that one class (plain values), and the EMA weights come out."""
+    import argparse
+
+    from model import read_checkpoint
+
+    ema = {"module.x_embedder.proj.weight": torch.randn(8, 4, 2, 2)}
+    args = argparse.Namespace(model="DiT-XL/2", lr=1e-4, image_size=256, results_dir="results")
+    torch.save({"model": {}, "ema": ema, "opt": {}, "args": args}, tmp_path / "0100000.pt")
+    sd, meta = read_checkpoint(tmp_path / "0100000.pt")
+    assert meta == {} and sd.keys() == {"x_embedder.proj.weight"}
+    assert torch.equal(sd["x_embedder.proj.weight"], ema["module.x_embedder.proj.weight"])
 
 
 def test_rope_depends_only_on_frame_distance():
