@@ -116,7 +116,7 @@ def convert(
         raise LatteError(f"{out}: the output is a .safetensors file")
     net = Latte.from_pretrained(src, num_heads=num_heads)
     net.save(out)
-    Console().print(f"wrote {out} ({net.config.describe()})")
+    Console(soft_wrap=True).print(f"wrote {out} ({net.config.describe()})")
 
 
 @app.command()
@@ -180,7 +180,8 @@ def synth(
 
     paths = write_synth(out, videos=videos, frames=frames, size=size, classes=classes, seed=seed, fps=fps,
                         shape_size=shape_size)
-    Console().print(f"wrote {len(paths)} videos of {frames} frames to {out}", highlight=False)
+    n = len(paths)
+    Console(soft_wrap=True).print(f"wrote {n} video{'s' * (n != 1)} of {frames} frames to {out}", highlight=False)
 
 
 @app.command()
@@ -304,7 +305,8 @@ def sample(
         classes=classes or [], seed=seed, vae=vae, fps=fps, precision=precision, device=device, batch=batch,
         frames=frames, context=context, hierarchical=hierarchical, key_every=key_every,
         keyframes=str(keyframes) if keyframes else None))
-    Console(soft_wrap=True).print(f"wrote {len(paths) - 1} videos and {paths[-1]}", highlight=False)
+    n = len(paths) - 1
+    Console(soft_wrap=True).print(f"wrote {n} video{'s' * (n != 1)} and {paths[-1]}", highlight=False)
 
 
 @app.command()
