@@ -142,7 +142,7 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
     with replacing(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     print_tables(result)
-    Console(highlight=False).print(f"wrote {out}")
+    Console(highlight=False, soft_wrap=True).print(f"wrote {out}")
     return result
 
 
@@ -463,7 +463,7 @@ def print_profile(console: Console, row: dict, name: str):
     ops, seconds = prof["ops"], prof["seconds"]
     where = "GPU" if prof["self_time"] == "cuda" else "CPU"
     console.print(f"variant {row['variant']}, {row['precision']}, {name}: a profiled step of {seconds:.4f} s, "
-                  f"each op's own {where} time; trace {prof['trace']}")
+                  f"each op's own {where} time; trace {prof['trace']}", soft_wrap=True)  # (the path in one piece)
     table = Table()
     for col in ("op", "calls", "ms", "of step"):
         table.add_column(col, justify="left" if col == "op" else "right")
