@@ -59,7 +59,7 @@ def bench(model: str = "Latte-S/2", frames: int = 16, size: int = 32, channels: 
         if p not in PRECISIONS or (p == "fp16" and dev.type != "cuda"):
             raise LatteError(f"precision {p!r} is not available on {dev.type} (fp32, bf16; fp16 on CUDA)")
     if not variants or any(v not in (1, 2, 3, 4) for v in variants):
-        raise LatteError(f"variants must be among 1, 2, 3, 4, not {tuple(variants)}")
+        raise LatteError(f"--variants must be among 1, 2, 3, 4, not {','.join(map(str, variants)) or 'none'}")
     if repeats < 1 or warmup < 0 or batch < 1 or (threads is not None and threads < 1):
         raise LatteError("repeats, batch and threads must be at least 1 and warmup at least 0")
     out = Path(out)

@@ -112,7 +112,8 @@ def test_bench_options_select_what_is_measured(tmp_path, threads):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--precisions", "fp64"], "precision"), (["--variants", "5"], "variants"), (["--variants", "one"], "variants"),
+    (["--precisions", "fp64"], "precision"), (["--variants", "5"], "--variants must be among 1, 2, 3, 4, not 5"),
+    (["--variants", "one"], "variants"),
     (["--hidden-size", "65"], "divisible"), (["--threads", "-1"], "threads"), (["--depth", "-2"], "depth"),
     (["--depth", "0"], "depth"), (["--num-heads", "0"], "num_heads"), (["--size", "0"], "input_size"),
     (["--channels", "0"], "in_channels"), (["--device", "meta"], "unknown device"), (["--device", "cuda:7"], "cuda:7"),
