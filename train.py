@@ -10,6 +10,7 @@ which each rank takes its rows: so a resumed run continues exactly, and N proces
 process on the same global batch.
 """
 
+import gc
 import json
 import math
 import os
@@ -516,7 +517,9 @@ def train(cfg: TrainConfig) -> Path:
         if final:
             break
     log.stop()
-    if ddp:
+    if ddp:  # DDP holds the process group: freed now, not at interpreter exit, where gloo's threads could abort
+        net = fn = sync = None
+        gc.collect()
         dist.destroy_process_group()
     return last if last is not None else run
 
