@@ -77,7 +77,7 @@ def test_two_gloo_processes_match_one(latents, tmp_path):
             "--num-heads", "4", "--frames", "4", "--frame-interval", "2", "--device", "cpu", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = lambda *cmd: subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=300)
-    ddp = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "latte_cli",
+    ddp = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "latte_cli",  # a free port
               *args, "--out", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = run("-m", "latte_cli", *args, "--out", str(tmp_path / "one"))
