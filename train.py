@@ -1,7 +1,7 @@
 """Train Latte on the latent shards of `latte encode`.
 
     latte train latents/ucf --out runs/ucf --model Latte-XL/2 --batch 5 --precision bf16
-    torchrun --nproc-per-node 8 -m latte_cli train latents/ucf --out runs/ucf --batch 40
+    torchrun --standalone --nproc-per-node 8 -m latte_cli train latents/ucf --out runs/ucf --batch 40
 
 Reads like nanoGPT's train.py inside one function: setup (distributed from the environment, seed, autocast)
 -> data -> model, EMA, optimiser -> resume -> loop -> save. Everything random in a step (clips, flips,
