@@ -93,9 +93,11 @@ def os_error_line(e: OSError) -> str:
     """An OSError as the one line a user reads: the path and what is wrong with it, not Python's "[Errno 17]"."""
     if e.filename is None or not e.strerror:
         return first_line(e)
-    reason = {errno.EEXIST: "a file of that name is in the way of the folder",
-              errno.ENOTDIR: "a part of this path is a file, not a folder",
-              errno.EISDIR: "a folder, where a file was expected"}.get(e.errno, e.strerror)
+    if e.errno == errno.EEXIST:  # (mkdir where a file stands; else whatever exists already)
+        reason = "already exists" if os.path.isdir(e.filename) else "a file of that name is in the way of the folder"
+    else:
+        reason = {errno.ENOTDIR: "a part of this path is a file, not a folder",
+                  errno.EISDIR: "a folder, where a file was expected"}.get(e.errno, e.strerror)
     return f"{e.filename}: {reason}"
 
 

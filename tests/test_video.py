@@ -1,5 +1,6 @@
 """Video I/O: files written here are read back with PyAV directly, and resizing is checked against torch."""
 
+import errno
 import os
 import stat
 
@@ -206,5 +207,8 @@ def test_an_output_folder_that_is_a_file_is_a_plain_one_line_error(tmp_path):
         assert result.exit_code == 1 and "Errno" not in result.output
         assert result.output.strip().splitlines() == [f"error: {out}: {reason}"]
     assert in_the_way.read_text() == "notes"
+    from latte_cli import os_error_line  # a folder that exists is named as one, not as a file in the way
+
+    assert os_error_line(FileExistsError(errno.EEXIST, "File exists", str(tmp_path))) == f"{tmp_path}: already exists"
     result = CliRunner().invoke(app, ["synth", str(tmp_path / "one"), "--videos", "1", "--frames", "2"])
     assert result.exit_code == 0 and result.output.strip() == f"wrote 1 video of 2 frames to {tmp_path / 'one'}"
