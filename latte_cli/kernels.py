@@ -29,22 +29,25 @@ import torch
 import torch.nn.functional as Fn
 
 
-def cpu_flags() -> set[str]:
+def cpu_info(key: str) -> str:  # the first CPU's line of /proc/cpuinfo for key ("flags", "vendor_id"), or ""
     try:
-        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith("flags")).split(":")[1].split())
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(key)).split(":")[1].strip()
     except (OSError, StopIteration, IndexError):
-        return set()
+        return ""
 
 
-CPU_FLAGS = cpu_flags()
+CPU_FLAGS = set(cpu_info("flags").split())
 CPU_AMX = "amx_bf16" in CPU_FLAGS
+# ATen's fp32 products call MKL, Intel's own library: on a 2-vCPU Xeon it ran Latte-S/2's products 5-10% faster than
+# oneDNN (the weight gradient's, which oneDNN takes transposed, 1.6-2x), on the AMD EPYC at 65-85% of oneDNN's speed.
+MKL_FP32 = cpu_info("vendor_id") == "GenuineIntel" and torch.backends.mkl.is_available()
 FUSED_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_LINEAR = FUSED_GELU  # the same oneDNN entry point
 ONEDNN_BF16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # x86: AVX-512 or AMX; else ATen's
 FUSED_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN_BF16 else (torch.float32,)  # the dtypes oneDNN takes here
 GELU_DTYPES = (torch.float32, torch.bfloat16)  # the compiled training GELU (any CPU)
-ONEDNN_WEIGHT_GRAD = (torch.float32,)  # dtypes whose weight gradient goes through oneDNN too
+ONEDNN_WEIGHT_GRAD = () if MKL_FP32 else (torch.float32,)  # dtypes whose weight gradient goes through oneDNN too
 
 
 def cpu_dtype(x: torch.Tensor):
@@ -164,8 +167,8 @@ class LoopedAttention(torch.autograd.Function):
 
 # kernels.c: bf16 and fp32 kernels for x86 CPUs with AVX-512 BF16, compiled on first use with the system's C compiler
 # (cc, or $CC; about a second) into ~/.cache/latte and loaded through ctypes; they run on torch's OpenMP threads. Where
-# the CPU or the compiler does not fit, the paths above run. Attention (in bf16 not on CPUs with AMX tiles, where
-# torch's fused kernel measured faster) computes a (sequence, head) matrix at a time in registers and the L1/L2 caches,
+# the CPU or the compiler does not fit, the paths above run. Attention computes a (sequence, head) matrix at a time in
+# registers and the L1/L2 caches,
 # with a polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in the order
 # the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64) 4.7 ms against 8.5 ms for the
 # products written out, forward and backward 17 against 23 ms, and more exact (the scores stay fp32). Under autograd it
@@ -174,15 +177,21 @@ class LoopedAttention(torch.autograd.Function):
 # backward 34 against 49 ms, 19 against 40-44), temporal 2.3 against 3.6 ms, 0.7 against 4.4 for the fused kernel; a
 # training step 3% faster at one thread, 11% at two, a forward 6% and 11% (A/B of alternating steps).
 NATIVE_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= CPU_FLAGS  # what kernels.c needs
-NATIVE_ATTENTION = NATIVE_CPU and not CPU_AMX  # bf16
+NATIVE_ATTENTION = NATIVE_CPU  # bf16
 NATIVE_ATTENTION_F32 = NATIVE_CPU
+# On a CPU with AMX tiles, where ATen's bf16 products run on the tiles and vdpbf16ps at half the speed of fp32's fmadd
+# (a 2-vCPU Xeon), kernels.c keeps only bf16 rows of up to 32 (temporal attention), whose products are too small for
+# the tiles: Latte-S/2's temporal layer 1.6 and 3.6 ms forward and backward against 2.6 and 6.7 ms written out; its
+# spatial one (rows of 256) 13.5 and 24.7 ms against 9.8 and 14.2.
+AMX_NATIVE_LENGTH = 32 if CPU_AMX else None
 NATIVE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512bf16")
 NATIVE = {}  # "lib": the loaded library once built, or None where building failed
 
 
 def native_attention_fits(q, k, v) -> bool:
-    native = {torch.bfloat16: NATIVE_ATTENTION, torch.float32: NATIVE_ATTENTION_F32}
+    native = {torch.bfloat16: NATIVE_ATTENTION and (AMX_NATIVE_LENGTH is None or q.shape[-2] <= AMX_NATIVE_LENGTH),
+              torch.float32: NATIVE_ATTENTION_F32}
     return (native.get(q.dtype, False) and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
             and q.dim() == 4 and q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()
             and q.stride(-1) == 1 and q.shape[-2] % 16 == 0 and q.shape[-1] % 2 == 0 and native_ready())
@@ -234,6 +243,7 @@ def native_kernel():
                                           int_]
             lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
             lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, ptr, int_]
+            lib.sums.argtypes = [ptr, long, long, long, ptr, int_, int_]
             lib.gated.argtypes = [ptr, long, ptr, int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
             lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         except (OSError, subprocess.SubprocessError, AttributeError):  # AttributeError: a build without a function
@@ -415,7 +425,7 @@ class OneDnnLinear(torch.autograd.Function):
         g = g.reshape(-1, g.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = mm_t(g, w.t()).view(x.shape)
+            gx = (g @ w if MKL_FP32 and g.dtype == torch.float32 else mm_t(g, w.t())).view(x.shape)
         bias = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
             gw, gb = weight_grad(g, x.reshape(-1, x.shape[-1]), bias)
@@ -431,7 +441,10 @@ class OneDnnLinear(torch.autograd.Function):
 # With larger results it fell behind (each block of tokens reads and writes the fp32 result again): Latte-XL/2's fc1
 # and fc2 (4608 x 1152) in bf16 took 62 against ATen's 49-53 ms at two threads, and with only its qkv and proj
 # (3456 x 1152, 1152 x 1152; faster alone) a bf16 training step was still 3% slower. Latte-S/2's are at most 0.6 Mi.
-NATIVE_WEIGHT_GRAD = NATIVE_CPU
+# On a CPU with AMX tiles ATen's bf16 product runs on the tiles, and kernels.c's vdpbf16ps ran at half its own fp32
+# speed (a 2-vCPU Xeon: 0.14-0.16 TFLOP/s; ATen 0.8-1.2): there bf16 stays with ATen (Latte-S/2's four of a block
+# 12-16 against 96 ms; a training step 1.65 -> 0.87 s).
+NATIVE_WEIGHT_GRAD = (torch.float32,) if CPU_AMX else (torch.float32, torch.bfloat16)  # the dtypes kernels.c takes
 WEIGHT_GRAD_MAX = 1 << 20  # values of the result
 
 
@@ -439,16 +452,27 @@ def weight_grad(g, x, bias: bool = False):
     """(g^T x, g's column sums if bias else None) for g (T, out) and x (T, in): a linear layer's weight and bias
     gradients, by kernels.c (fp32 results, the sums in the same pass), oneDNN (fp32) or ATen (bf16, where it was
     faster than oneDNN; the sums in g's dtype: in fp32 they would first copy all of a bf16 g)."""
-    if not (NATIVE_WEIGHT_GRAD and g.dtype == x.dtype and g.dtype in (torch.float32, torch.bfloat16)
+    if not (NATIVE_CPU and g.dtype == x.dtype and g.dtype in NATIVE_WEIGHT_GRAD
             and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
             and g.shape[1] * x.shape[1] <= WEIGHT_GRAD_MAX and native_ready()):
         w = mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
-        return w, g.sum(0) if bias else None
+        return w, column_sums(g) if bias else None
     w = g.new_empty(g.shape[1], x.shape[1], dtype=torch.float32)
     sums = g.new_empty(g.shape[1], dtype=torch.float32) if bias else None
     native_call(NATIVE["lib"].matmul_tn, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), w.data_ptr(),
                 w.stride(0), *w.shape, len(g), g.dtype == torch.float32, None if sums is None else sums.data_ptr())
     return w, sums
+
+
+def column_sums(g):
+    """g.sum(0) for g (T, out): in bf16, kernels.c's sums in fp32 where it runs (ATen's, rounded to bf16, took 1.4
+    against 0.9 ms for the four of a Latte-S/2 block on a 2-vCPU Xeon with AMX tiles), else ATen's."""
+    if not (NATIVE_CPU and g.dtype == torch.bfloat16 and g.device.type == "cpu" and len(g) and g.stride(1) == 1
+            and native_ready()):
+        return g.sum(0)
+    sums = g.new_empty(g.shape[1], dtype=torch.float32)
+    native_call(NATIVE["lib"].sums, g.data_ptr(), g.stride(0), *g.shape, sums.data_ptr(), 0)
+    return sums
 
 
 # -------------------------------------------------------------------------------------------------- adaLN

@@ -48,6 +48,8 @@ def test_bench_writes_a_complete_consistent_json(tmp_path, threads):
     assert "of peak" in result.output and "wrote" in result.output
     r = json.loads(out.read_text())
     assert r["machine"]["threads"] == 1 and r["machine"]["device"] == "cpu"
+    assert r["machine"]["amx"] == ("amx_bf16" in Path("/proc/cpuinfo").read_text())
+    assert ("AMX)" in result.output) == r["machine"]["amx"]
     s = r["settings"]
     assert s["repeats"] == 2 and s["warmup"] == 1 and s["overrides"] == {"depth": 2, "hidden_size": 64, "num_heads": 4}
 
@@ -152,11 +154,13 @@ def test_bench_profile_lists_the_steps_ops_and_writes_their_traces(tmp_path, thr
         own = [op["self_seconds"] for op in prof["ops"]]
         assert len(ops) == len(own) > 10 and own == sorted(own, reverse=True) and min(own) > 0
         assert sum(own) <= 1.05 * prof["seconds"] and prof["self_time"] == "cpu"
-        if kernels.ONEDNN_LINEAR:
-            assert ops["mkldnn::_linear_pointwise"]["calls"] == linears * (2 if train else 1)  # + input gradients
+        dtype = torch.float32 if row["precision"] == "fp32" else torch.bfloat16
+        if kernels.ONEDNN_LINEAR:  # + input gradients (in fp32 on Intel CPUs, MKL's)
+            input_grads = train and not (kernels.MKL_FP32 and dtype == torch.float32)
+            assert ops["mkldnn::_linear_pointwise"]["calls"] == linears * (2 if input_grads else 1)
         if train:
             assert ops["OneDnnLinearBackward"]["calls"] == linears
-            if kernels.native_kernel() is not None:
+            if kernels.native_kernel() is not None and dtype in kernels.NATIVE_WEIGHT_GRAD:  # (bf16 with AMX: ATen's)
                 assert ops["kernels.c matmul_tn"]["calls"] == linears
             if kernels.NATIVE_GELU and kernels.native_kernel() is not None:  # each MLP's GELU, both ways
                 assert ops["kernels.c gelu"]["calls"] == 2 * sum(isinstance(m, Mlp) for m in net.modules())
@@ -353,6 +357,7 @@ def test_native_attention_matches_float64(S, L, h, Dh, dtype, monkeypatch):
     than twice as far off as torch's paths (LoopedAttention for long rows, else the fused kernel). The output comes
     back in the (S, L, h, Dh) order proj reads."""
     flag = "NATIVE_ATTENTION" if dtype == torch.bfloat16 else "NATIVE_ATTENTION_F32"
+    monkeypatch.setattr(kernels, "AMX_NATIVE_LENGTH", None)  # (AMX tiles: long bf16 rows go to ATen's products)
     tolerance = 2**-8 if dtype == torch.bfloat16 else 1e-5
     torch.manual_seed(0)
     qkv = (2 * torch.randn(S, L, 3, h, Dh)).to(dtype)  # S L 3 h Dh, as the qkv projection lays it out
@@ -381,11 +386,24 @@ def test_native_attention_matches_float64(S, L, h, Dh, dtype, monkeypatch):
 
 
 @needs_native
+def test_amx_tiles_leave_kernels_c_the_short_bf16_rows(monkeypatch):
+    """With AMX tiles (AMX_NATIVE_LENGTH), kernels.c takes bf16 rows up to that length (temporal attention) and
+    ATen's products on the tiles the longer ones; fp32 rows of any length stay with kernels.c."""
+    monkeypatch.setattr(kernels, "NATIVE_ATTENTION", True)
+    for amx, fits in ((32, {16: True, 32: True, 48: False, 256: False}), (None, dict.fromkeys((16, 48, 256), True))):
+        monkeypatch.setattr(kernels, "AMX_NATIVE_LENGTH", amx)
+        for L, fit in fits.items():
+            q = torch.randn(2, 3, L, 8, dtype=torch.bfloat16)
+            assert kernels.native_attention_fits(q, q, q) == fit, (amx, L)
+            assert kernels.native_attention_fits(q.float(), q.float(), q.float())
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_attention_keeps_nans_and_splits_work_exactly(dtype, monkeypatch):
     """A NaN in a query row gives that row NaN (as torch's attention does) and no other; the matrices split over
     two threads give the very bytes of one thread. Under a dispatch mode (FlopCounterMode) torch's paths run."""
-    monkeypatch.setattr(kernels, "NATIVE_ATTENTION", True)  # (also on a CPU with AMX tiles, which skips it)
+    monkeypatch.setattr(kernels, "NATIVE_ATTENTION", True)
     q, k, v = (torch.randn(4, 2, 32, 16).to(dtype) for _ in range(3))
     assert kernels.native_attention_fits(q, k, v)
     with FlopCounterMode(display=False):  # a dispatch mode sees torch's ops only: they run in its place
@@ -436,7 +454,8 @@ def test_packed_attention_returns_one_gradient_in_qkv_layout(dtype, heads, monke
 def test_split_head_attention_writes_both_halves_in_place(dtype, monkeypatch):
     """Variant 4's attention by kernels.c in one piece (SplitHeadAttention): the same bytes as its halves apart and
     joined by cats, output, gradients and output without autograd, at batch 1 and 2, with no cat either way; images
-    appended or RoPE over the frames take the halves apart."""
+    appended or RoPE over the frames take the halves apart. (bf16 too on a CPU with AMX tiles, which skips it.)"""
+    monkeypatch.setattr(kernels, "AMX_NATIVE_LENGTH", None)
     torch.manual_seed(0)
     att = Attention(64, 4, "split").to(dtype)
     fits = kernels.split_head_attention_fits
@@ -564,6 +583,7 @@ def test_native_kernels_in_the_model(variant, kernel, monkeypatch):
         net.zero_grad()
         return inferred, out.detach().double(), grads
 
+    monkeypatch.setattr(kernels, "AMX_NATIVE_LENGTH", None)  # (every row length, as without AMX tiles)
     ref = run("fp32")
     errors = []
     node = {"attention": "NativeAttentionBackward", "adaln": "NormModulateBackward", "gelu": "NativeGeluBackward"}
@@ -626,9 +646,9 @@ def test_flop_counter_sees_the_fused_cpu_kernel():
 def test_onednn_linear_matches_aten(precision, monkeypatch):
     """kernels.Linear on the CPU (oneDNN's matmul, bias in its epilogue, and its own backward): nn.Linear's values
     and gradients, against float64, in fp32 and under bf16 autocast, with and without autograd; fp32 weights get
-    fp32 gradients, and a frozen input gets none. The backward's oneDNN calls: the input gradient's, and in fp32
-    the weight gradient's."""
-    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", False)  # (kernels.c's: test_native_weight_grad_*)
+    fp32 gradients, and a frozen input gets none. The backward's oneDNN calls: the input gradient's (in fp32 on
+    Intel CPUs, MKL's), and the weight gradient's in fp32 elsewhere."""
+    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", ())  # (kernels.c's: test_native_weight_grad_*)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or original(*a),
@@ -658,7 +678,8 @@ def test_onednn_linear_matches_aten(precision, monkeypatch):
         calls.clear()
         out.backward(g.to(precision))
         weight_grad = [(40, 60)] if precision in kernels.ONEDNN_WEIGHT_GRAD else []  # g^T (out, tokens)
-        assert calls == ([(60, 40)] if x_grad else []) + weight_grad
+        x_onednn = x_grad and not (kernels.MKL_FP32 and precision == torch.float32)  # (MKL's on Intel CPUs)
+        assert calls == ([(60, 40)] if x_onednn else []) + weight_grad
         assert close(out, ref) and close(inferred, ref)
         assert layer.weight.grad.dtype == torch.float32 and close(layer.weight.grad, exact.weight.grad)
         assert close(layer.bias.grad, exact.bias.grad)
@@ -858,12 +879,13 @@ def test_native_gelu_matches_float64(dtype):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, out, inp", [(4096, 384, 1536), (4096, 1152, 384), (301, 37, 45), (7, 1, 70), (129, 9, 12)])
-def test_native_weight_grad_matches_float64(T, out, inp, dtype):
+def test_native_weight_grad_matches_float64(T, out, inp, dtype, monkeypatch):
     """kernels.c's weight gradient g^T x and bias gradient (g's column sums, in the same pass): float64's on the
     same inputs, in fp32 at least as close as oneDNN's and ATen's (bf16: its products are exact, the sums fp32),
     over token counts odd and short, widths that are no multiple of its tiles, either operand the wider, and rows
     of g with gaps (a slice of a wider tensor); one, two and three threads give the same bytes (each value's sum
-    runs in one order)."""
+    runs in one order). (bf16 too on a CPU with AMX tiles, whose weight gradients skip it for ATen's.)"""
+    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16))
     torch.manual_seed(0)
     g = torch.randn(T, out + 5)[:, 2:out + 2].to(dtype)
     x = torch.randn(T, inp).to(dtype)
@@ -889,6 +911,25 @@ def test_native_weight_grad_matches_float64(T, out, inp, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("T, out", [(4096, 1152), (301, 37), (7, 70), (129, 9)])
+def test_native_column_sums_match_float64(T, out, monkeypatch):
+    """kernels.c's bf16 bias gradient where the weight gradient is ATen's (CPUs with AMX tiles, larger results):
+    g's column sums in fp32, over rows with gaps and widths that are no multiple of its blocks, as close to
+    float64's as fp32 rounding allows and closer than ATen's bf16 sums; fp32 stays with ATen."""
+    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", ())
+    torch.manual_seed(0)
+    g = torch.randn(T, out + 5)[:, 2:out + 2].bfloat16()
+    x = torch.randn(T, 24).bfloat16()
+    ref, scale = g.double().sum(0), g.double().abs().sum(0).max()
+    w, sums = kernels.weight_grad(g, x, bias=True)
+    assert torch.equal(w, g.t() @ x) and sums.dtype == torch.float32 and sums.shape == (out,)
+    error = (sums.double() - ref).abs().max() / scale
+    assert error <= 1e-6 and error < (g.sum(0).double() - ref).abs().max() / scale, error
+    assert kernels.column_sums(g.float()).dtype == torch.float32  # ATen's
+    assert torch.equal(kernels.column_sums(g.float()), g.float().sum(0))
+
+
+@needs_native
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_native_weight_grad_in_the_model(precision, monkeypatch):
     """The model's gradients with kernels.c's weight gradients and without: as close to float64's, and it takes
@@ -905,7 +946,7 @@ def test_native_weight_grad_in_the_model(precision, monkeypatch):
     monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
     errors = []
     for native in (True, False):
-        monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", native)
+        monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16) if native else ())
         called.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), torch.profiler.profile() as p:
             net(x, t, y).float().square().mean().backward()
@@ -915,7 +956,7 @@ def test_native_weight_grad_in_the_model(precision, monkeypatch):
         layers = [e.name for e in p.events()].count("OneDnnLinearBackward")
         assert layers >= 4 * cfg.depth and called.count("matmul_tn") == native * layers
     assert errors[0] <= 1.2 * errors[1] + 1e-7, errors
-    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", True)
+    monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16))
     monkeypatch.setattr(kernels, "WEIGHT_GRAD_MAX", 64 * 64 - 1)  # results past it (every layer here) go to torch
     called.clear()
     net(x, t, y).float().square().mean().backward()
