@@ -12,8 +12,8 @@ measured faster there. model.py calls the entry points below; each falls back to
                          (bf16 and fp32, kernels.c); model.modulate and model.gated call them where adaln_fits
 
 kernels.c holds the hand-written ones, for x86 CPUs with AVX-512 BF16: built on first use by the system's C compiler.
-Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32x32 (`latte bench`); the README's
-performance section has the figures."""
+Measured on a 2-vCPU AVX-512 EPYC (no AMX) with one thread, Latte-S/2 at 16x4x32x32 (`latte bench`), and where a
+comment says so on a 2-vCPU Xeon with AMX tiles; the README's performance section has the figures."""
 
 import contextlib
 import contextvars
@@ -168,10 +168,10 @@ class LoopedAttention(torch.autograd.Function):
 # kernels.c: bf16 and fp32 kernels for x86 CPUs with AVX-512 BF16, compiled on first use with the system's C compiler
 # (cc, or $CC; about a second) into ~/.cache/latte and loaded through ctypes; they run on torch's OpenMP threads. Where
 # the CPU or the compiler does not fit, the paths above run. Attention computes a (sequence, head) matrix at a time in
-# registers and the L1/L2 caches,
-# with a polynomial exponential, reading q, k and v in place in the qkv projection and writing the output in the order
-# the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64) 4.7 ms against 8.5 ms for the
-# products written out, forward and backward 17 against 23 ms, and more exact (the scores stay fp32). Under autograd it
+# registers and the L1/L2 caches, with a polynomial exponential, reading q, k and v in place in the qkv projection and
+# writing the output in the order the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64)
+# 4.7 ms against 8.5 ms for the products written out, forward and backward 17 against 23 ms, and more exact (the
+# scores stay fp32). Under autograd it
 # keeps the probabilities, as the written-out products do. In fp32 (any x86 CPU with what kernels.c needs), the same
 # with fmadd: spatial 10.3 against 15.6 ms for the oneDNN loop at one thread, 5.4 against 12 at two (forward and
 # backward 34 against 49 ms, 19 against 40-44), temporal 2.3 against 3.6 ms, 0.7 against 4.4 for the fused kernel; a
@@ -450,8 +450,8 @@ WEIGHT_GRAD_MAX = 1 << 20  # values of the result
 
 def weight_grad(g, x, bias: bool = False):
     """(g^T x, g's column sums if bias else None) for g (T, out) and x (T, in): a linear layer's weight and bias
-    gradients, by kernels.c (fp32 results, the sums in the same pass), oneDNN (fp32) or ATen (bf16, where it was
-    faster than oneDNN; the sums in g's dtype: in fp32 they would first copy all of a bf16 g)."""
+    gradients, by kernels.c (fp32 results, the sums in the same pass), oneDNN (fp32, but for MKL on Intel CPUs) or
+    ATen (bf16, where it was faster than oneDNN, and on the AMX tiles; the sums by column_sums)."""
     if not (NATIVE_CPU and g.dtype == x.dtype and g.dtype in NATIVE_WEIGHT_GRAD
             and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
             and g.shape[1] * x.shape[1] <= WEIGHT_GRAD_MAX and native_ready()):
