@@ -169,13 +169,12 @@ class LoopedAttention(torch.autograd.Function):
 # (cc, or $CC; about a second) into ~/.cache/latte and loaded through ctypes; they run on torch's OpenMP threads. Where
 # the CPU or the compiler does not fit, the paths above run. Attention computes a (sequence, head) matrix at a time in
 # registers and the L1/L2 caches, with a polynomial exponential, reading q, k and v in place in the qkv projection and
-# writing the output in the order the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64)
-# 4.7 ms against 8.5 ms for the products written out, forward and backward 17 against 23 ms, and more exact (the
-# scores stay fp32). Under autograd it
-# keeps the probabilities, as the written-out products do. In fp32 (any x86 CPU with what kernels.c needs), the same
-# with fmadd: spatial 10.3 against 15.6 ms for the oneDNN loop at one thread, 5.4 against 12 at two (forward and
-# backward 34 against 49 ms, 19 against 40-44), temporal 2.3 against 3.6 ms, 0.7 against 4.4 for the fused kernel; a
-# training step 3% faster at one thread, 11% at two, a forward 6% and 11% (A/B of alternating steps).
+# writing the output in the order the out projection reads: spatial attention of Latte-S/2 (96 matrices of 256 x 64) 4.7
+# ms against 8.5 ms for the products written out, forward and backward 17 against 23 ms, and more exact (the scores stay
+# fp32). Under autograd it keeps the probabilities, as the written-out products do. In fp32 (any x86 CPU with what
+# kernels.c needs), the same with fmadd: spatial 10.3 against 15.6 ms for the oneDNN loop at one thread, 5.4 against 12
+# at two (forward and backward 34 against 49 ms, 19 against 40-44), temporal 2.3 against 3.6 ms, 0.7 against 4.4 for the
+# fused kernel; a training step 3% faster at one thread, 11% at two, a forward 6% and 11% (A/B of alternating steps).
 NATIVE_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= CPU_FLAGS  # what kernels.c needs
 NATIVE_ATTENTION = NATIVE_CPU  # bf16
 NATIVE_ATTENTION_F32 = NATIVE_CPU
