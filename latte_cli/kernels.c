@@ -752,13 +752,12 @@ int matmul_tn(const void *a, long as, const void *b, long bs, float *c, long cs,
     return failed ? 2 : 0;
 }
 
-/* sum[0:n] = the sums over K rows (rs apart) of x's first n columns (bf16, or fp32 where f32), in fp32: a bias
- * gradient where the product runs elsewhere; threads take blocks of 64 columns */
-int sums(const void *x, long rs, long K, long n, float *sum, int f32, int threads) {
+/* sum[0:n] = the sums over K rows (rs apart) of bf16 x's first n columns, in fp32: a bias gradient where the
+ * product runs elsewhere; threads take blocks of 64 columns */
+int sums_bf16(const bf16 *x, long rs, long K, long n, float *sum, int threads) {
     long blocks = (n + 63) / 64;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long b = 0; b < blocks; b++)
-        column_sums((const char *)x + 64 * b * (f32 ? 4 : 2), rs, K, n - 64 * b < 64 ? n - 64 * b : 64, sum + 64 * b,
-                    0, f32);
+        column_sums(x + 64 * b, rs, K, n - 64 * b < 64 ? n - 64 * b : 64, sum + 64 * b, 0, 0);
     return 0;
 }

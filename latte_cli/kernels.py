@@ -242,7 +242,7 @@ def native_kernel():
                                           int_]
             lib.norm_modulate_backward.argtypes = [ptr, long, long, int_, int_] + [ptr] * 7 + [int_, int_]
             lib.matmul_tn.argtypes = [ptr, long] * 3 + [long] * 3 + [int_, ptr, int_]
-            lib.sums.argtypes = [ptr, long, long, long, ptr, int_, int_]
+            lib.sums_bf16.argtypes = [ptr, long, long, long, ptr, int_]
             lib.gated.argtypes = [ptr, long, ptr, int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
             lib.gated_backward.argtypes = [ptr] * 3 + [int_, long, long, int_, long, long, long, ptr, ptr, int_, int_]
         except (OSError, subprocess.SubprocessError, AttributeError):  # AttributeError: a build without a function
@@ -442,8 +442,8 @@ class OneDnnLinear(torch.autograd.Function):
 # (3456 x 1152, 1152 x 1152; faster alone) a bf16 training step was still 3% slower. Latte-S/2's are at most 0.6 Mi.
 # On a CPU with AMX tiles ATen's bf16 product runs on the tiles, and kernels.c's vdpbf16ps ran at half its own fp32
 # speed (a 2-vCPU Xeon: 0.14-0.16 TFLOP/s; ATen 0.8-1.2): there bf16 stays with ATen (Latte-S/2's four of a block
-# 12-16 against 96 ms; a training step 1.65 -> 0.87 s).
-NATIVE_WEIGHT_GRAD = (torch.float32,) if CPU_AMX else (torch.float32, torch.bfloat16)  # the dtypes kernels.c takes
+# 12-16 against 96 ms; a training step 1.65 -> 0.87 s). NATIVE_WEIGHT_GRAD: the dtypes kernels.c takes.
+NATIVE_WEIGHT_GRAD = ((torch.float32,) if CPU_AMX else (torch.float32, torch.bfloat16)) if NATIVE_CPU else ()
 WEIGHT_GRAD_MAX = 1 << 20  # values of the result
 
 
@@ -451,9 +451,8 @@ def weight_grad(g, x, bias: bool = False):
     """(g^T x, g's column sums if bias else None) for g (T, out) and x (T, in): a linear layer's weight and bias
     gradients, by kernels.c (fp32 results, the sums in the same pass), oneDNN (fp32, but for MKL on Intel CPUs) or
     ATen (bf16, where it was faster than oneDNN, and on the AMX tiles; the sums by column_sums)."""
-    if not (NATIVE_CPU and g.dtype == x.dtype and g.dtype in NATIVE_WEIGHT_GRAD
-            and g.device.type == "cpu" and len(g) and g.stride(1) == x.stride(1) == 1
-            and g.shape[1] * x.shape[1] <= WEIGHT_GRAD_MAX and native_ready()):
+    if not (g.dtype == x.dtype and g.dtype in NATIVE_WEIGHT_GRAD and g.device.type == "cpu" and len(g)
+            and g.stride(1) == x.stride(1) == 1 and g.shape[1] * x.shape[1] <= WEIGHT_GRAD_MAX and native_ready()):
         w = mm_t(g.t(), x.t()) if x.dtype in ONEDNN_WEIGHT_GRAD else g.t() @ x
         return w, column_sums(g) if bias else None
     w = g.new_empty(g.shape[1], x.shape[1], dtype=torch.float32)
@@ -470,7 +469,7 @@ def column_sums(g):
             and native_ready()):
         return g.sum(0)
     sums = g.new_empty(g.shape[1], dtype=torch.float32)
-    native_call(NATIVE["lib"].sums, g.data_ptr(), g.stride(0), *g.shape, sums.data_ptr(), 0)
+    native_call(NATIVE["lib"].sums_bf16, g.data_ptr(), g.stride(0), *g.shape, sums.data_ptr())
     return sums
 
 
