@@ -1,6 +1,6 @@
 /* CPU kernels for kernels.py, on x86 with AVX-512 BF16, in bf16 and fp32: attention (softmax(q k^T scale) v and its
  * backward), the tanh-GELU's two passes, adaLN's (LayerNorm + modulation, the gated residual's backward) and the
- * linear layers' weight gradients.
+ * linear layers' weight gradients (and, on CPUs with AMX tiles, bf16 ones on the tiles: at the end of this file).
  * Built on first use and loaded through ctypes; the same functions as torch's.
  *
  * Attention runs one (sequence, head) matrix at a time, in registers and the L1/L2 caches. Every product is one
@@ -761,3 +761,203 @@ int sums_bf16(const bf16 *x, long rs, long K, long n, float *sum, int threads) {
         column_sums(x + 64 * b, rs, K, n - 64 * b < 64 ? n - 64 * b : 64, sum + 64 * b, 0, 0);
     return 0;
 }
+
+/* ---- AMX tiles (where the CPU has them and the compiler knows them): bf16 weight gradients with fp32 results ---- */
+#if defined(__has_include)
+#if __has_include(<amxtileintrin.h>) && __has_include(<amxbf16intrin.h>)
+#define HAVE_AMX 1
+#endif
+#endif
+#ifdef HAVE_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AMX_KC 512  /* k (rows of a and b) per block: the thread's share of t and p's 32 columns in cache */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* the 16 x 16 transpose of 32-bit words in r, in place: unpacks and 128-bit shuffles */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+static inline __attribute__((always_inline)) __m512 widen(__m256i x) {  /* 16 bf16 as fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+/* the pairs (x[j], y[j]) of 16 bf16 each, as 16 words */
+static inline __attribute__((always_inline)) __m512i zip16(__m256i x, __m256i y) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(x), lo, _mm512_castsi256_si512(y));
+}
+
+/* The tiles of a^T for columns m0 .. m0 + 16 (n valid) and rows k0 .. k0 + 32 (kn valid) of a (rows as apart): dst
+ * [m][0:32] = a[k0 + k][m0 + m] for k < 32, zeros past the edges; sum (if not NULL) += the columns' sums over the
+ * rows, in fp32 */
+static inline __attribute__((always_inline)) void pack_transposed(const bf16 *a, long as, int n, int kn, bf16 *dst,
+                                                                  float *sum) {
+    __m512i r[16];
+    __mmask16 m = lanes_mask(n);
+    __m512 s = _mm512_setzero_ps();
+    for (int p = 0; p < 16; p++) {
+        __m256i x = 2 * p < kn ? _mm256_maskz_loadu_epi16(m, a + 2L * p * as) : _mm256_setzero_si256();
+        __m256i y = 2 * p + 1 < kn ? _mm256_maskz_loadu_epi16(m, a + (2L * p + 1) * as) : _mm256_setzero_si256();
+        if (sum) s = _mm512_add_ps(_mm512_add_ps(s, widen(x)), widen(y));
+        r[p] = zip16(x, y);
+    }
+    transpose16(r);
+    for (int i = 0; i < 16; i++) _mm512_store_si512(dst + 32 * i, r[i]);
+    if (sum) _mm512_mask_storeu_ps(sum, m, _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, sum)));
+}
+
+/* The tile of b's columns n0 .. n0 + 16 (n valid) over rows k0 .. k0 + 32 (kn valid), as pairs of rows: dst[p][2j +
+ * i] = b[k0 + 2p + i][n0 + j] */
+static inline __attribute__((always_inline)) void pack_pairs(const bf16 *b, long bs, int n, int kn, bf16 *dst,
+                                                             float *sum) {
+    __mmask16 m = lanes_mask(n);
+    __m512 s = _mm512_setzero_ps();
+    for (int p = 0; p < 16; p++) {
+        __m256i x = 2 * p < kn ? _mm256_maskz_loadu_epi16(m, b + 2L * p * bs) : _mm256_setzero_si256();
+        __m256i y = 2 * p + 1 < kn ? _mm256_maskz_loadu_epi16(m, b + (2L * p + 1) * bs) : _mm256_setzero_si256();
+        if (sum) s = _mm512_add_ps(_mm512_add_ps(s, widen(x)), widen(y));
+        _mm512_store_si512(dst + 32 * p, zip16(x, y));
+    }
+    if (sum) _mm512_mask_storeu_ps(sum, m, _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, sum)));
+}
+
+/* c (M x N, fp32) = a^T b for bf16 a (K x M) and b (K x N), rows as and bs apart: a linear layer's weight gradient
+ * on the tiles. The narrower of a and b is laid out transposed (the costlier layout), t, and the other as pairs of
+ * rows, p, giving c or its transpose, d = t^T p (R x C). Each thread takes a share of d's rows or columns (the more
+ * numerous blocks of 32), keeps it in fp32 in its own buffer, and for each block of AMX_KC rows of a and b lays out
+ * its share of t, in 16 x 32 tiles, and of p, 32 columns at a time; d's blocks of 32 x 32 are four accumulator tiles.
+ * The share goes to c at the end (transposed, if d is c^T). sum, if not NULL: a's column sums (the bias's gradient),
+ * taken while a is laid out. */
+AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, long cs, long M, long N, long K,
+                      float *sum, int threads) {
+    int swap = M > N, failed = 0;
+    const bf16 *tm = swap ? b : a, *pm = swap ? a : b;
+    long ts = swap ? bs : as, ps = swap ? as : bs, R = swap ? N : M, C = swap ? M : N;
+    long rb = (R + 31) / 32, cb = (C + 31) / 32;  /* blocks of 32 */
+    int split_r = rb >= cb;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long parts = split_r ? rb : cb, lo = parts * t / nt, hi = parts * (t + 1) / nt;
+        long r0 = split_r ? 32 * lo : 0, r1 = split_r ? (32 * hi < R ? 32 * hi : R) : R;
+        long c0 = split_r ? 0 : 32 * lo, c1 = split_r ? C : (32 * hi < C ? 32 * hi : C);
+        long rt = (r1 - r0 + 31) / 32 * 2, dw = (c1 - c0 + 31) / 32 * 32;  /* t's tiles of 16; d's row in the share */
+        long steps = AMX_KC / 32;  /* tiles of 32 k */
+        bf16 *tp = aligned_alloc(64, (rt + 2) * steps * 1024), *pp = aligned_alloc(64, 2 * steps * 1024);
+        float *d = aligned_alloc(64, (rt * 16 + 16) * dw * 4 + 64);
+        float *tsum = sum && !swap && c0 == 0 ? sum : NULL, *psum = sum && swap && r0 == 0 ? sum : NULL;
+        failed = !tp || !pp || !d;
+        if (!failed && tsum)
+            for (long m = r0; m < r1; m++) tsum[m] = 0;
+        if (!failed && psum)
+            for (long m = c0; m < c1; m++) psum[m] = 0;
+        if (!failed && r1 > r0 && c1 > c0) {
+            tile_config cfg;
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette = 1;
+            for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+            _tile_loadconfig(&cfg);
+            for (long k0 = 0; k0 < K; k0 += AMX_KC) {
+                int kc = K - k0 < AMX_KC ? K - k0 : AMX_KC, ks = (kc + 31) / 32;
+                for (int s = 0; s < ks; s++)  /* t's share, transposed: tile (i, s) at tp + (i steps + s) 512 */
+                    for (long i = 0; i < rt; i++) {
+                        long r = r0 + 16 * i;
+                        int n = r1 - r < 16 ? (r1 - r > 0 ? r1 - r : 0) : 16;
+                        pack_transposed(tm + (k0 + 32 * s) * ts + r, ts, n, kc - 32 * s < 32 ? kc - 32 * s : 32,
+                                        tp + (i * steps + s) * 512, tsum && n ? tsum + r : NULL);
+                    }
+                for (long j = c0; j < c1; j += 32) {
+                    for (int h = 0; h < 2; h++)  /* p's columns j .. j + 32 as pairs: tile (h, s) */
+                        for (int s = 0; s < ks; s++) {
+                            long n = c1 - j - 16 * h;
+                            n = n < 16 ? (n > 0 ? n : 0) : 16;
+                            pack_pairs(pm + (k0 + 32 * s) * ps + j + 16 * h, ps, n,
+                                       kc - 32 * s < 32 ? kc - 32 * s : 32, pp + (h * steps + s) * 512,
+                                       psum && n ? psum + j + 16 * h : NULL);
+                        }
+                    for (long i = 0; i < rt; i += 2) {
+                        float *dt = d + 16 * i * dw + (j - c0);
+                        if (k0 == 0) {
+                            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                        } else {
+                            _tile_loadd(0, dt, dw * 4); _tile_loadd(1, dt + 16, dw * 4);
+                            _tile_loadd(2, dt + 16 * dw, dw * 4); _tile_loadd(3, dt + 16 * dw + 16, dw * 4);
+                        }
+                        for (int s = 0; s < ks; s++) {
+                            for (int q = 0; q < 1024; q += 64) {  /* t's tiles two steps on, into L1 */
+                                _mm_prefetch((const char *)(tp + (i * steps + s + 2) * 512) + q, _MM_HINT_T0);
+                                _mm_prefetch((const char *)(tp + ((i + 1) * steps + s + 2) * 512) + q, _MM_HINT_T0);
+                            }
+                            _tile_loadd(4, tp + (i * steps + s) * 512, 64);
+                            _tile_loadd(5, tp + ((i + 1) * steps + s) * 512, 64);
+                            _tile_loadd(6, pp + s * 512, 64);
+                            _tile_loadd(7, pp + (steps + s) * 512, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                        _tile_stored(0, dt, dw * 4); _tile_stored(1, dt + 16, dw * 4);
+                        _tile_stored(2, dt + 16 * dw, dw * 4); _tile_stored(3, dt + 16 * dw + 16, dw * 4);
+                    }
+                }
+            }
+            _tile_release();
+            if (!swap)  /* the share to c */
+                for (long r = r0; r < r1; r++)
+                    for (long j = c0; j < c1; j += 16)
+                        _mm512_mask_storeu_ps(c + r * cs + j, lanes_mask(c1 - j), _mm512_load_ps(d + (r - r0) * dw + j - c0));
+            else
+                for (long r = r0; r < r1; r += 16)
+                    for (long j = c0; j < c1; j += 16) {
+                        __m512i x[16];
+                        for (int q = 0; q < 16; q++) x[q] = _mm512_load_si512(d + (r - r0 + q) * dw + j - c0);
+                        transpose16(x);
+                        for (int q = 0; q < 16 && j + q < c1; q++)
+                            _mm512_mask_storeu_ps(c + (j + q) * cs + r, lanes_mask(r1 - r), _mm512_castsi512_ps(x[q]));
+                    }
+        }
+        free(tp), free(pp), free(d);
+    }
+    return failed ? 2 : 0;
+}
+
+/* 1 where this process may use the tiles (Linux asks each process to request them), else 0 */
+int amx_ready(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+#else
+int amx_ready(void) { return 0; }
+int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, long cs, long M, long N, long K,
+                  float *sum, int threads) {
+    return 2;
+}
+#endif

@@ -160,7 +160,9 @@ def test_bench_profile_lists_the_steps_ops_and_writes_their_traces(tmp_path, thr
             assert ops["mkldnn::_linear_pointwise"]["calls"] == linears * (2 if input_grads else 1)
         if train:
             assert ops["OneDnnLinearBackward"]["calls"] == linears
-            if kernels.native_kernel() is not None and dtype in kernels.NATIVE_WEIGHT_GRAD:  # (bf16 with AMX: ATen's)
+            if kernels.native_kernel() is not None and dtype == torch.bfloat16 and kernels.NATIVE["amx"]:
+                assert ops["kernels.c matmul_tn_amx"]["calls"] == linears  # (on the AMX tiles)
+            elif kernels.native_kernel() is not None and dtype in kernels.NATIVE_WEIGHT_GRAD:
                 assert ops["kernels.c matmul_tn"]["calls"] == linears
             if kernels.NATIVE_GELU and kernels.native_kernel() is not None:  # each MLP's GELU, both ways
                 assert ops["kernels.c gelu"]["calls"] == 2 * sum(isinstance(m, Mlp) for m in net.modules())
@@ -649,6 +651,7 @@ def test_onednn_linear_matches_aten(precision, monkeypatch):
     fp32 gradients, and a frozen input gets none. The backward's oneDNN calls: the input gradient's (in fp32 on
     Intel CPUs, MKL's), and the weight gradient's in fp32 elsewhere."""
     monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", ())  # (kernels.c's: test_native_weight_grad_*)
+    monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", False)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or original(*a),
@@ -876,16 +879,27 @@ def test_native_gelu_matches_float64(dtype):
         assert "NativeGeluBackward" in graph_nodes(Mlp(16, 64)(torch.randn(5, 16, requires_grad=True)))
 
 
+def amx_ready() -> bool:
+    return kernels.native_kernel() is not None and kernels.NATIVE["amx"]
+
+
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T, out, inp", [(4096, 384, 1536), (4096, 1152, 384), (301, 37, 45), (7, 1, 70), (129, 9, 12)])
-def test_native_weight_grad_matches_float64(T, out, inp, dtype, monkeypatch):
-    """kernels.c's weight gradient g^T x and bias gradient (g's column sums, in the same pass): float64's on the
-    same inputs, in fp32 at least as close as oneDNN's and ATen's (bf16: its products are exact, the sums fp32),
-    over token counts odd and short, widths that are no multiple of its tiles, either operand the wider, and rows
-    of g with gaps (a slice of a wider tensor); one, two and three threads give the same bytes (each value's sum
-    runs in one order). (bf16 too on a CPU with AMX tiles, whose weight gradients skip it for ATen's.)"""
+@pytest.mark.parametrize("dtype, amx", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("T, out, inp", [(4096, 384, 1536), (4096, 1152, 384), (301, 37, 45), (7, 1, 70), (129, 9, 12),
+                                         (1100, 64, 64)])
+def test_native_weight_grad_matches_float64(T, out, inp, dtype, amx, monkeypatch):
+    """kernels.c's weight gradient g^T x and bias gradient (g's column sums, in the same pass), with fmadd or
+    vdpbf16ps and in bf16 on the AMX tiles: float64's on the same inputs, in fp32 at least as close as oneDNN's and
+    ATen's (bf16: its products are exact, the sums fp32), over token counts odd, short and past a block of rows,
+    widths that are no multiple of its tiles, either operand the wider, and rows of g with gaps (a slice of a wider
+    tensor); one, two and three threads give the same bytes (each value's sum runs in one order)."""
+    if amx and not amx_ready():
+        pytest.skip("this CPU has no AMX tiles")
     monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", amx)
+    called = []
+    native_call = kernels.native_call
+    monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
     torch.manual_seed(0)
     g = torch.randn(T, out + 5)[:, 2:out + 2].to(dtype)
     x = torch.randn(T, inp).to(dtype)
@@ -899,6 +913,7 @@ def test_native_weight_grad_matches_float64(T, out, inp, dtype, monkeypatch):
             finally:
                 torch.set_num_threads(1)
     w, b = results[0]
+    assert called == ["matmul_tn_amx" if amx else "matmul_tn"] * 3
     assert w.shape == (out, inp) and w.dtype == torch.float32 and b.shape == (out,) and b.dtype == torch.float32
     assert all(torch.equal(w, rw) and torch.equal(b, rb) for rw, rb in results)
     assert kernels.weight_grad(g, x)[1] is None
@@ -917,6 +932,7 @@ def test_native_column_sums_match_float64(T, out, monkeypatch):
     g's column sums in fp32, over rows with gaps and widths that are no multiple of its blocks, as close to
     float64's as fp32 rounding allows and closer than ATen's bf16 sums; fp32 stays with ATen."""
     monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", ())
+    monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", False)
     torch.manual_seed(0)
     g = torch.randn(T, out + 5)[:, 2:out + 2].bfloat16()
     x = torch.randn(T, 24).bfloat16()
@@ -933,7 +949,8 @@ def test_native_column_sums_match_float64(T, out, monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_native_weight_grad_in_the_model(precision, monkeypatch):
     """The model's gradients with kernels.c's weight gradients and without: as close to float64's, and it takes
-    every linear layer's weight gradient that goes through oneDNN, but for results larger than WEIGHT_GRAD_MAX."""
+    every linear layer's weight gradient that goes through oneDNN, but for results larger than WEIGHT_GRAD_MAX (in
+    bf16 on a CPU with AMX tiles, the tiles' kernel, which has no such limit)."""
     cfg = LatteConfig(input_size=16, num_frames=8, hidden_size=64, depth=2, num_heads=4, num_classes=3)
     net = random_latte(cfg)
     x, t, y = torch.randn(2, 8, 4, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 2])
@@ -945,8 +962,10 @@ def test_native_weight_grad_in_the_model(precision, monkeypatch):
     native_call = kernels.native_call
     monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
     errors = []
+    kernel = "matmul_tn_amx" if precision == "bf16" and amx_ready() else "matmul_tn"
     for native in (True, False):
         monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16) if native else ())
+        monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", native)
         called.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), torch.profiler.profile() as p:
             net(x, t, y).float().square().mean().backward()
@@ -954,13 +973,15 @@ def test_native_weight_grad_in_the_model(precision, monkeypatch):
         net.zero_grad()
         errors.append((grads - ref).abs().max().item() / ref.abs().max().item())
         layers = [e.name for e in p.events()].count("OneDnnLinearBackward")
-        assert layers >= 4 * cfg.depth and called.count("matmul_tn") == native * layers
+        assert layers >= 4 * cfg.depth and called.count(kernel) == native * layers
     assert errors[0] <= 1.2 * errors[1] + 1e-7, errors
     monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", True)
     monkeypatch.setattr(kernels, "WEIGHT_GRAD_MAX", 64 * 64 - 1)  # results past it (every layer here) go to torch
     called.clear()
-    net(x, t, y).float().square().mean().backward()
-    assert "matmul_tn" not in called
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        net(x, t, y).float().square().mean().backward()
+    assert "matmul_tn" not in called and called.count("matmul_tn_amx") == (kernel == "matmul_tn_amx") * layers
 
 
 MALLINFO = """
