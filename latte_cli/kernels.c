@@ -834,19 +834,32 @@ static inline __attribute__((always_inline)) void pack_transposed(const bf16 *a,
     if (sum) _mm512_mask_storeu_ps(sum, m, _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, sum)));
 }
 
-/* The tile of b's columns n0 .. n0 + 16 (n valid) over rows k0 .. k0 + 32 (kn valid), as pairs of rows: dst[p][2j +
- * i] = b[k0 + 2p + i][n0 + j] */
+/* The two tiles of b's columns n0 .. n0 + 32 (n valid) over rows k0 .. k0 + 32 (kn valid), as pairs of rows:
+ * dst[p][2j + i] = b[k0 + 2p + i][n0 + j] for j < 16, dst[512 + ...] the same for the next 16; sum (if not NULL) +=
+ * the columns' sums over the rows, in fp32 */
 static inline __attribute__((always_inline)) void pack_pairs(const bf16 *b, long bs, int n, int kn, bf16 *dst,
                                                              float *sum) {
-    __mmask16 m = lanes_mask(n);
-    __m512 s = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    __mmask32 m = n >= 32 ? ~0u : (1u << n) - 1;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     for (int p = 0; p < 16; p++) {
-        __m256i x = 2 * p < kn ? _mm256_maskz_loadu_epi16(m, b + 2L * p * bs) : _mm256_setzero_si256();
-        __m256i y = 2 * p + 1 < kn ? _mm256_maskz_loadu_epi16(m, b + (2L * p + 1) * bs) : _mm256_setzero_si256();
-        if (sum) s = _mm512_add_ps(_mm512_add_ps(s, widen(x)), widen(y));
-        _mm512_store_si512(dst + 32 * p, zip16(x, y));
+        __m512i x = 2 * p < kn ? _mm512_maskz_loadu_epi16(m, b + 2L * p * bs) : _mm512_setzero_si512();
+        __m512i y = 2 * p + 1 < kn ? _mm512_maskz_loadu_epi16(m, b + (2L * p + 1) * bs) : _mm512_setzero_si512();
+        if (sum) {
+            s0 = _mm512_add_ps(_mm512_add_ps(s0, widen(_mm512_castsi512_si256(x))), widen(_mm512_castsi512_si256(y)));
+            s1 = _mm512_add_ps(_mm512_add_ps(s1, widen(_mm512_extracti64x4_epi64(x, 1))),
+                               widen(_mm512_extracti64x4_epi64(y, 1)));
+        }
+        _mm512_store_si512(dst + 32 * p, _mm512_permutex2var_epi16(x, lo, y));
+        _mm512_store_si512(dst + 512 + 32 * p, _mm512_permutex2var_epi16(x, hi, y));
     }
-    if (sum) _mm512_mask_storeu_ps(sum, m, _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, sum)));
+    if (sum) {
+        __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(n - 16 > 0 ? n - 16 : 0);
+        _mm512_mask_storeu_ps(sum, m0, _mm512_add_ps(s0, _mm512_maskz_loadu_ps(m0, sum)));
+        _mm512_mask_storeu_ps(sum + 16, m1, _mm512_add_ps(s1, _mm512_maskz_loadu_ps(m1, sum + 16)));
+    }
 }
 
 /* c (M x N, fp32) = a^T b for bf16 a (K x M) and b (K x N), rows as and bs apart: a linear layer's weight gradient
@@ -895,14 +908,9 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
                                         tp + (i * steps + s) * 512, tsum && n ? tsum + r : NULL);
                     }
                 for (long j = c0; j < c1; j += 32) {
-                    for (int h = 0; h < 2; h++)  /* p's columns j .. j + 32 as pairs: tile (h, s) */
-                        for (int s = 0; s < ks; s++) {
-                            long n = c1 - j - 16 * h;
-                            n = n < 16 ? (n > 0 ? n : 0) : 16;
-                            pack_pairs(pm + (k0 + 32 * s) * ps + j + 16 * h, ps, n,
-                                       kc - 32 * s < 32 ? kc - 32 * s : 32, pp + (h * steps + s) * 512,
-                                       psum && n ? psum + j + 16 * h : NULL);
-                        }
+                    for (int s = 0; s < ks; s++)  /* p's columns j .. j + 32 as pairs: tiles 2 s, 2 s + 1 */
+                        pack_pairs(pm + (k0 + 32 * s) * ps + j, ps, c1 - j < 32 ? c1 - j : 32,
+                                   kc - 32 * s < 32 ? kc - 32 * s : 32, pp + 2 * s * 512, psum ? psum + j : NULL);
                     for (long i = 0; i < rt; i += 2) {
                         float *dt = d + 16 * i * dw + (j - c0);
                         if (k0 == 0) {
@@ -918,8 +926,8 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
                             }
                             _tile_loadd(4, tp + (i * steps + s) * 512, 64);
                             _tile_loadd(5, tp + ((i + 1) * steps + s) * 512, 64);
-                            _tile_loadd(6, pp + s * 512, 64);
-                            _tile_loadd(7, pp + (steps + s) * 512, 64);
+                            _tile_loadd(6, pp + 2 * s * 512, 64);
+                            _tile_loadd(7, pp + (2 * s + 1) * 512, 64);
                             _tile_dpbf16ps(0, 4, 6);
                             _tile_dpbf16ps(1, 4, 7);
                             _tile_dpbf16ps(2, 5, 6);
