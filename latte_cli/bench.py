@@ -9,7 +9,7 @@ What it measures, each figure the median of `repeats` timed runs after `warmup` 
   model     forward (as sampling runs it: kernels.frozen_weights) and forward+backward of each variant: seconds per
             step, FLOP/s from Latte.flops (the matmuls and attention products; forward+backward counts 3x the
             forward, recomputation not counted), utilisation = FLOP/s / that matmul's FLOP/s timed again right
-            after each step, and peak memory;
+            after each step for as long as the step (the median of the runs' ratios), and peak memory;
   sampling  seconds per DDIM step without and with classifier-free guidance, and one whole video (50 DDIM steps,
             guided, then VAE decoding) split into model calls, VAE decoder calls and the rest (guidance, the
             sampler's arithmetic, VAE chunking);
@@ -169,18 +169,13 @@ class Clock:
 
 
 def measure(fn: Callable, repeats: int, warmup: int, clock: Clock) -> list[float]:
-    return measure_each([fn], repeats, warmup, clock)[0]
-
-
-def measure_each(fns: list[Callable], repeats: int, warmup: int, clock: Clock) -> list[list[float]]:
-    """Seconds of each of `fns`, run one after the other in every round, so that they share the machine's moments."""
-    times = [[] for _ in fns]
+    """Seconds of each of `repeats` runs of fn after `warmup` untimed ones."""
+    times = []
     for i in range(warmup + repeats):
-        for fn, seconds in zip(fns, times, strict=True):
-            start = clock()
-            fn()
-            if i >= warmup:
-                seconds.append(clock() - start)
+        start = clock()
+        fn()
+        if i >= warmup:
+            times.append(clock() - start)
     return times
 
 
@@ -209,30 +204,37 @@ def matmuls(dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
 def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool, peak: dict,
               repeats: int, warmup: int, clock: Clock) -> dict:
     """One forward (no autograd), or one forward and backward of a scalar loss as a training step runs it:
-    seconds, FLOP/s, peak memory, and the utilisation: FLOP/s over the matmul peak timed beside each run (the
-    fastest kernel and size again, right after every step), as a shared machine's speed drifts by 10% and more between
-    minutes: the model and its limit are measured in the same moments."""
+    seconds, FLOP/s, peak memory, and the utilisation: the median over the runs of the step's FLOP/s over the
+    matmul peak's (the fastest kernel and size again) timed right after it for about as long as the step took. A
+    shared machine's speed drifts by 10% and more between minutes, and with AMX tiles by 2x within seconds (the
+    neighbours' work): each share compares the model and its limit over the same stretch of time."""
     dtype = getattr(torch, PRECISIONS[precision])
     matmul = matmuls(dtype, device)[peak["kernel"]]
-    calls = max(1, round(0.1 / peak["seconds"]))  # about 0.1 s of matmuls after each step
-
-    def reference():
-        for _ in range(calls):
-            matmul(a, b)
-
     step = model_step(call, net, x, t, precision, device, train)
+    times, peaks = [], []
     with kernels.frozen_weights():  # forward as sample.py runs it (training takes no notice)
         reset_peak_memory(device)
         step()  # the first warm-up run, alone: the peak memory is the step's, without the reference's matrices
         memory = peak_memory(device)
         a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=dtype) for _ in range(2))
-        times, beside = measure_each([step, reference], repeats, max(warmup - 1, 0), clock)
+        for i in range(max(warmup - 1, 0) + repeats):
+            start = clock()
+            step()
+            seconds = clock() - start
+            calls = max(1, round(max(seconds, 0.1) / peak["seconds"]))
+            start = clock()
+            for _ in range(calls):
+                matmul(a, b)
+            if i >= max(warmup - 1, 0):
+                times.append(seconds)
+                peaks.append(calls * peak["flops"] / (clock() - start))
     flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
     seconds = statistics.median(times)
-    peak_rate = calls * peak["flops"] / statistics.median(beside)
     return {"depth": net.config.depth, "params": sum(p.numel() for p in net.parameters()), "flops": flops,
-            "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds, "peak_flop_per_s": peak_rate,
-            "utilisation": flops / seconds / peak_rate, "peak_memory": memory}
+            "seconds": seconds, "all_seconds": times, "flop_per_s": flops / seconds,
+            "peak_flop_per_s": statistics.median(peaks), "all_peak_flop_per_s": peaks,
+            "utilisation": statistics.median(flops / s / p for s, p in zip(times, peaks, strict=True)),
+            "peak_memory": memory}
 
 
 def model_step(call: Callable, net: Latte, x, t, precision: str, device: torch.device, train: bool) -> Callable:
