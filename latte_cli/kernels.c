@@ -942,7 +942,8 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
             if (!swap)  /* the share to c */
                 for (long r = r0; r < r1; r++)
                     for (long j = c0; j < c1; j += 16)
-                        _mm512_mask_storeu_ps(c + r * cs + j, lanes_mask(c1 - j), _mm512_load_ps(d + (r - r0) * dw + j - c0));
+                        _mm512_mask_storeu_ps(c + r * cs + j, lanes_mask(c1 - j),
+                                              _mm512_load_ps(d + (r - r0) * dw + j - c0));
             else
                 for (long r = r0; r < r1; r += 16)
                     for (long j = c0; j < c1; j += 16) {
@@ -950,7 +951,8 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
                         for (int q = 0; q < 16; q++) x[q] = _mm512_load_si512(d + (r - r0 + q) * dw + j - c0);
                         transpose16(x);
                         for (int q = 0; q < 16 && j + q < c1; q++)
-                            _mm512_mask_storeu_ps(c + (j + q) * cs + r, lanes_mask(r1 - r), _mm512_castsi512_ps(x[q]));
+                            _mm512_mask_storeu_ps(c + (j + q) * cs + r, lanes_mask(r1 - r),
+                                                  _mm512_castsi512_ps(x[q]));
                     }
         }
         free(tp), free(pp), free(d);

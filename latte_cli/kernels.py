@@ -443,16 +443,15 @@ class OneDnnLinear(torch.autograd.Function):
 # With larger results it fell behind (each block of tokens reads and writes the fp32 result again): Latte-XL/2's fc1
 # and fc2 (4608 x 1152) in bf16 took 62 against ATen's 49-53 ms at two threads, and with only its qkv and proj
 # (3456 x 1152, 1152 x 1152; faster alone) a bf16 training step was still 3% slower. Latte-S/2's are at most 0.6 Mi.
-# On a CPU with AMX tiles ATen's bf16 product runs on the tiles, and kernels.c's vdpbf16ps ran at half its own fp32
-# speed (a 2-vCPU Xeon: 0.14-0.16 TFLOP/s; ATen 0.8-1.2): there bf16 stays with ATen (Latte-S/2's four of a block
-# 12-16 against 96 ms; a training step 1.65 -> 0.87 s). NATIVE_WEIGHT_GRAD: the dtypes kernels.c takes.
+# On a CPU with AMX tiles kernels.c's vdpbf16ps ran at half its own fp32 speed (a 2-vCPU Xeon: 0.14-0.16 TFLOP/s;
+# ATen's bf16 product on the tiles 0.8-1.2, Latte-S/2's four of a block 12-16 against 96 ms): there bf16 runs on the
+# tiles instead, in kernels.c's matmul_tn_amx (AMX_WEIGHT_GRAD): the narrower of g and x laid out transposed in
+# tiles, the other as pairs of rows, fp32 results and the bias's sums in the same pass, and no limit on the result's
+# size. The four of a block there 11.6 and 19.5 ms against ATen's 16.0 and 25.5 (two runs, 40 rounds each; paired
+# ratios 0.73, 0.74), Latte-XL/2's 0.73-0.87 of ATen's time; a bf16 training step of variant 1 7% faster (A/B of
+# alternating steps, 10 of 16 pairs). Where the tiles' kernel cannot build, bf16 goes to ATen on such CPUs.
 NATIVE_WEIGHT_GRAD = ((torch.float32,) if CPU_AMX else (torch.float32, torch.bfloat16)) if NATIVE_CPU else ()
-WEIGHT_GRAD_MAX = 1 << 20  # values of the result
-# With AMX tiles, bf16 weight gradients run on them in kernels.c too (matmul_tn_amx): the narrower of g and x laid
-# out transposed in tiles, the other as pairs of rows, fp32 results and the bias's sums in the same pass, as above,
-# and no limit on the result's size. Latte-S/2's four of a block on a 2-vCPU Xeon: 11.6 and 19.5 ms against ATen's
-# 16.0 and 25.5 (two runs, 40 rounds each; paired ratios 0.73, 0.74); Latte-XL/2's 0.73-0.87 of ATen's time; a
-# bf16 training step of variant 1 7% faster (A/B of alternating steps, 10 of 16 pairs).
+WEIGHT_GRAD_MAX = 1 << 20  # values of the result (matmul_tn)
 AMX_WEIGHT_GRAD = CPU_AMX
 
 

@@ -931,9 +931,10 @@ def test_native_weight_grad_matches_float64(T, out, inp, dtype, amx, monkeypatch
 @needs_native
 @pytest.mark.parametrize("T, out", [(4096, 1152), (301, 37), (7, 70), (129, 9)])
 def test_native_column_sums_match_float64(T, out, monkeypatch):
-    """kernels.c's bf16 bias gradient where the weight gradient is ATen's (CPUs with AMX tiles, larger results):
-    g's column sums in fp32, over rows with gaps and widths that are no multiple of its blocks, as close to
-    float64's as fp32 rounding allows and closer than ATen's bf16 sums; fp32 stays with ATen."""
+    """kernels.c's bf16 bias gradient where the weight gradient is ATen's (CPUs with AMX tiles where the tiles'
+    kernel cannot build, larger results): g's column sums in fp32, over rows with gaps and widths that are no
+    multiple of its blocks, as close to float64's as fp32 rounding allows and closer than ATen's bf16 sums; fp32
+    stays with ATen."""
     monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", ())
     monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", False)
     torch.manual_seed(0)
