@@ -136,34 +136,40 @@ static void product_f32(int wide, int M, int N, int K, const float *a, long ar, 
     product_as(1, wide, M, N, K, a, ar, ak, b, bk, c, cr);
 }
 
+/* the 16 x 16 transpose of 32-bit words in r, in place: unpacks and 128-bit shuffles */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
 /* dst[w][j] = the w-th pair of row j of src (rows rs apart), for L rows and W pairs: 16 x 16 transposes of
- * 32-bit words by unpacks and 128-bit shuffles */
+ * 32-bit words */
 static void to_pairs(const bf16 *src, long rs, int L, int W, bf16 *dst) {
     for (int j0 = 0; j0 < L; j0 += 16)
         for (int w0 = 0; w0 < W; w0 += 16) {
             int words = W - w0 < 16 ? W - w0 : 16;
-            __m512i r[16], t[16];
+            __m512i r[16];
             for (int i = 0; i < 16; i++)
                 r[i] = _mm512_maskz_loadu_epi32(lanes_mask(words), src + (j0 + i) * rs + 2 * w0);
-            for (int i = 0; i < 16; i += 2) {
-                t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-                t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 16; i += 4) {
-                r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-                r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-                r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-                r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-            }
-            for (int h = 0; h < 16; h += 8)
-                for (int i = 0; i < 4; i++) {
-                    t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
-                    t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
-                }
-            for (int i = 0; i < 8; i++) {
-                r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-                r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-            }
+            transpose16(r);
             for (int w = 0; w < words; w++) _mm512_storeu_si512(dst + ((long)(w0 + w) * L + j0) * 2, r[w]);
         }
 }
@@ -779,30 +785,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
-
-/* the 16 x 16 transpose of 32-bit words in r, in place: unpacks and 128-bit shuffles */
-static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int h = 0; h < 16; h += 8)
-        for (int i = 0; i < 4; i++) {
-            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
-            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
-        }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    }
-}
 
 static inline __attribute__((always_inline)) __m512 widen(__m256i x) {  /* 16 bf16 as fp32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
