@@ -174,11 +174,21 @@ static void to_pairs(const bf16 *src, long rs, int L, int W, bf16 *dst) {
         }
 }
 
+/* the lanes of two registers x, y (x's 0..31, y's 32..63) that interleave their first 16 bf16: x0 y0 x1 y1 ... */
+static inline __m512i pair_order(void) {
+    return _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+}
+
+/* the pairs (x[j], y[j]) of 16 bf16 each, as 16 words */
+static inline __m512i zip16(__m256i x, __m256i y) {
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(x), pair_order(), _mm512_castsi256_si512(y));
+}
+
 /* dst[p][0:n] = the pairs (src[2p][j], src[2p+1][j]) for j < n <= 32 columns and p < rows / 2, rows rs apart (an
  * odd last row pairs with zeros), dst's rows of pairs ds bf16 apart */
 static void zip_rows(const bf16 *src, long rs, int rows, int n, bf16 *dst, long ds) {
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i lo = pair_order();
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     __mmask32 m = n >= 32 ? ~0u : (1u << n) - 1;
     __mmask32 m_lo = n >= 16 ? ~0u : (1u << 2 * n) - 1, m_hi = n >= 32 ? ~0u : n > 16 ? (1u << 2 * (n - 16)) - 1 : 0;
@@ -786,62 +796,18 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-static inline __attribute__((always_inline)) __m512 widen(__m256i x) {  /* 16 bf16 as fp32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-}
-
-/* the pairs (x[j], y[j]) of 16 bf16 each, as 16 words */
-static inline __attribute__((always_inline)) __m512i zip16(__m256i x, __m256i y) {
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(x), lo, _mm512_castsi256_si512(y));
-}
-
-/* The tiles of a^T for columns m0 .. m0 + 16 (n valid) and rows k0 .. k0 + 32 (kn valid) of a (rows as apart): dst
- * [m][0:32] = a[k0 + k][m0 + m] for k < 32, zeros past the edges; sum (if not NULL) += the columns' sums over the
- * rows, in fp32 */
-static inline __attribute__((always_inline)) void pack_transposed(const bf16 *a, long as, int n, int kn, bf16 *dst,
-                                                                  float *sum) {
+/* The tile of a^T for columns m0 .. m0 + 16 (n valid) and rows k0 .. k0 + 32 (kn valid) of a (rows as apart): dst
+ * [m][0:32] = a[k0 + k][m0 + m] for k < 32, zeros past the edges */
+static inline __attribute__((always_inline)) void pack_transposed(const bf16 *a, long as, int n, int kn, bf16 *dst) {
     __m512i r[16];
     __mmask16 m = lanes_mask(n);
-    __m512 s = _mm512_setzero_ps();
     for (int p = 0; p < 16; p++) {
         __m256i x = 2 * p < kn ? _mm256_maskz_loadu_epi16(m, a + 2L * p * as) : _mm256_setzero_si256();
         __m256i y = 2 * p + 1 < kn ? _mm256_maskz_loadu_epi16(m, a + (2L * p + 1) * as) : _mm256_setzero_si256();
-        if (sum) s = _mm512_add_ps(_mm512_add_ps(s, widen(x)), widen(y));
         r[p] = zip16(x, y);
     }
     transpose16(r);
     for (int i = 0; i < 16; i++) _mm512_store_si512(dst + 32 * i, r[i]);
-    if (sum) _mm512_mask_storeu_ps(sum, m, _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, sum)));
-}
-
-/* The two tiles of b's columns n0 .. n0 + 32 (n valid) over rows k0 .. k0 + 32 (kn valid), as pairs of rows:
- * dst[p][2j + i] = b[k0 + 2p + i][n0 + j] for j < 16, dst[512 + ...] the same for the next 16; sum (if not NULL) +=
- * the columns' sums over the rows, in fp32 */
-static inline __attribute__((always_inline)) void pack_pairs(const bf16 *b, long bs, int n, int kn, bf16 *dst,
-                                                             float *sum) {
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    __mmask32 m = n >= 32 ? ~0u : (1u << n) - 1;
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    for (int p = 0; p < 16; p++) {
-        __m512i x = 2 * p < kn ? _mm512_maskz_loadu_epi16(m, b + 2L * p * bs) : _mm512_setzero_si512();
-        __m512i y = 2 * p + 1 < kn ? _mm512_maskz_loadu_epi16(m, b + (2L * p + 1) * bs) : _mm512_setzero_si512();
-        if (sum) {
-            s0 = _mm512_add_ps(_mm512_add_ps(s0, widen(_mm512_castsi512_si256(x))), widen(_mm512_castsi512_si256(y)));
-            s1 = _mm512_add_ps(_mm512_add_ps(s1, widen(_mm512_extracti64x4_epi64(x, 1))),
-                               widen(_mm512_extracti64x4_epi64(y, 1)));
-        }
-        _mm512_store_si512(dst + 32 * p, _mm512_permutex2var_epi16(x, lo, y));
-        _mm512_store_si512(dst + 512 + 32 * p, _mm512_permutex2var_epi16(x, hi, y));
-    }
-    if (sum) {
-        __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(n - 16 > 0 ? n - 16 : 0);
-        _mm512_mask_storeu_ps(sum, m0, _mm512_add_ps(s0, _mm512_maskz_loadu_ps(m0, sum)));
-        _mm512_mask_storeu_ps(sum + 16, m1, _mm512_add_ps(s1, _mm512_maskz_loadu_ps(m1, sum + 16)));
-    }
 }
 
 /* c (M x N, fp32) = a^T b for bf16 a (K x M) and b (K x N), rows as and bs apart: a linear layer's weight gradient
@@ -850,7 +816,7 @@ static inline __attribute__((always_inline)) void pack_pairs(const bf16 *b, long
  * numerous blocks of 32), keeps it in fp32 in its own buffer, and for each block of AMX_KC rows of a and b lays out
  * its share of t, in 16 x 32 tiles, and of p, 32 columns at a time; d's blocks of 32 x 32 are four accumulator tiles.
  * The share goes to c at the end (transposed, if d is c^T). sum, if not NULL: a's column sums (the bias's gradient),
- * taken while a is laid out. */
+ * from each block of rows while it is in cache. */
 AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, long cs, long M, long N, long K,
                       float *sum, int threads) {
     int swap = M > N, failed = 0;
@@ -868,12 +834,9 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
         long steps = AMX_KC / 32;  /* tiles of 32 k */
         bf16 *tp = aligned_alloc(64, (rt + 2) * steps * 1024), *pp = aligned_alloc(64, 2 * steps * 1024);
         float *d = aligned_alloc(64, (rt * 16 + 16) * dw * 4 + 64);
-        float *tsum = sum && !swap && c0 == 0 ? sum : NULL, *psum = sum && swap && r0 == 0 ? sum : NULL;
+        long s0 = swap ? c0 : r0, s1 = swap ? c1 : r1;  /* a's columns in the share: their sums, by one thread */
+        int sums = sum && (swap ? r0 : c0) == 0;
         failed = !tp || !pp || !d;
-        if (!failed && tsum)
-            for (long m = r0; m < r1; m++) tsum[m] = 0;
-        if (!failed && psum)
-            for (long m = c0; m < c1; m++) psum[m] = 0;
         if (!failed && r1 > r0 && c1 > c0) {
             tile_config cfg;
             memset(&cfg, 0, sizeof cfg);
@@ -887,12 +850,16 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
                         long r = r0 + 16 * i;
                         int n = r1 - r < 16 ? (r1 - r > 0 ? r1 - r : 0) : 16;
                         pack_transposed(tm + (k0 + 32 * s) * ts + r, ts, n, kc - 32 * s < 32 ? kc - 32 * s : 32,
-                                        tp + (i * steps + s) * 512, tsum && n ? tsum + r : NULL);
+                                        tp + (i * steps + s) * 512);
                     }
+                if (sums) column_sums(a + k0 * as + s0, as, kc, s1 - s0, sum + s0, k0 > 0, 0);
                 for (long j = c0; j < c1; j += 32) {
-                    for (int s = 0; s < ks; s++)  /* p's columns j .. j + 32 as pairs: tiles 2 s, 2 s + 1 */
-                        pack_pairs(pm + (k0 + 32 * s) * ps + j, ps, c1 - j < 32 ? c1 - j : 32,
-                                   kc - 32 * s < 32 ? kc - 32 * s : 32, pp + 2 * s * 512, psum ? psum + j : NULL);
+                    for (int s = 0; s < ks; s++) {  /* p's columns j .. j + 32 as pairs of rows, 16 rows a step */
+                        if (kc - 32 * s < 32)  /* (the pairs past K: zeros) */
+                            memset(pp + s * 1024, 0, 2048);
+                        zip_rows(pm + (k0 + 32 * s) * ps + j, ps, kc - 32 * s < 32 ? kc - 32 * s : 32,
+                                 c1 - j < 32 ? c1 - j : 32, pp + s * 1024, 64);
+                    }
                     for (long i = 0; i < rt; i += 2) {
                         float *dt = d + 16 * i * dw + (j - c0);
                         if (k0 == 0) {
@@ -908,8 +875,8 @@ AMX int matmul_tn_amx(const bf16 *a, long as, const bf16 *b, long bs, float *c, 
                             }
                             _tile_loadd(4, tp + (i * steps + s) * 512, 64);
                             _tile_loadd(5, tp + ((i + 1) * steps + s) * 512, 64);
-                            _tile_loadd(6, pp + 2 * s * 512, 64);
-                            _tile_loadd(7, pp + (2 * s + 1) * 512, 64);
+                            _tile_loadd(6, pp + s * 1024, 128);  /* its first 16 columns, then the next 16 */
+                            _tile_loadd(7, pp + s * 1024 + 32, 128);
                             _tile_dpbf16ps(0, 4, 6);
                             _tile_dpbf16ps(1, 4, 7);
                             _tile_dpbf16ps(2, 5, 6);
