@@ -217,7 +217,8 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
         step()  # the first warm-up run, alone: the peak memory is the step's, without the reference's matrices
         memory = peak_memory(device)
         a, b = (torch.randn(peak["n"], peak["n"], device=device, dtype=dtype) for _ in range(2))
-        for i in range(max(warmup - 1, 0) + repeats):
+        untimed = max(warmup - 1, 0)
+        for i in range(untimed + repeats):
             start = clock()
             step()
             seconds = clock() - start
@@ -225,7 +226,7 @@ def model_row(call: Callable, net: Latte, x, t, precision: str, device: torch.de
             start = clock()
             for _ in range(calls):
                 matmul(a, b)
-            if i >= max(warmup - 1, 0):
+            if i >= untimed:
                 times.append(seconds)
                 peaks.append(calls * peak["flops"] / (clock() - start))
     flops = net.flops(x.shape[1], batch=x.shape[0]) * (3 if train else 1)
