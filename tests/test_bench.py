@@ -886,6 +886,13 @@ def amx_ready() -> bool:
     return kernels.native_kernel() is not None and kernels.NATIVE["amx"]
 
 
+def record_native_calls(monkeypatch) -> list[str]:
+    """The names of the kernels.c functions called from here on, in order (each still runs)."""
+    called, native_call = [], kernels.native_call
+    monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
+    return called
+
+
 @needs_native
 @pytest.mark.parametrize("dtype, amx", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("T, out, inp", [(4096, 384, 1536), (4096, 1152, 384), (301, 37, 45), (7, 1, 70), (129, 9, 12),
@@ -900,9 +907,7 @@ def test_native_weight_grad_matches_float64(T, out, inp, dtype, amx, monkeypatch
         pytest.skip("this CPU has no AMX tiles")
     monkeypatch.setattr(kernels, "NATIVE_WEIGHT_GRAD", (torch.float32, torch.bfloat16))
     monkeypatch.setattr(kernels, "AMX_WEIGHT_GRAD", amx)
-    called = []
-    native_call = kernels.native_call
-    monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
+    called = record_native_calls(monkeypatch)
     torch.manual_seed(0)
     g = torch.randn(T, out + 5)[:, 2:out + 2].to(dtype)
     x = torch.randn(T, inp).to(dtype)
@@ -962,9 +967,7 @@ def test_native_weight_grad_in_the_model(precision, monkeypatch):
     exact.load_state_dict(net.state_dict())
     exact(x.double(), t, y).square().mean().backward()
     ref = torch.cat([p.grad.flatten() for p in exact.parameters()])
-    called = []
-    native_call = kernels.native_call
-    monkeypatch.setattr(kernels, "native_call", lambda fn, *a: called.append(fn.__name__) or native_call(fn, *a))
+    called = record_native_calls(monkeypatch)
     errors = []
     kernel = "matmul_tn_amx" if precision == "bf16" and amx_ready() else "matmul_tn"
     for native in (True, False):
